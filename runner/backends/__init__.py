@@ -1,0 +1,57 @@
+"""Training stacks. A backend loads the model and processor (`load`) and attaches LoRA (`attach_lora`);
+training itself is trl's SFTTrainer for every backend (runner/train.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def select(requested: str) -> tuple[str, str]:
+    """Returns (backend, why) for the recipe's `model.backend`."""
+    if requested != "auto":
+        return requested, "set in the recipe"
+    if not cuda_available():
+        return "transformers", "auto: no CUDA GPU (unsloth needs one)"
+    if not unsloth_installed():
+        return "transformers", "auto: unsloth is not installed (install the `gpu` extra for it)"
+    return "unsloth", "auto: CUDA GPU present and unsloth installed"
+
+
+def machine_problems(model_cfg: dict, train_cfg: dict) -> list[tuple[str, str]]:
+    """Recipe settings this machine cannot run, as (key path, message) pairs."""
+    problems = []
+    gpu = cuda_available()
+    if model_cfg["backend"] == "unsloth" and not gpu:
+        problems.append(("model.backend", "unsloth needs a CUDA GPU and this machine has none; "
+                         "use backend: transformers (or auto) to run on the CPU"))
+    elif model_cfg["backend"] == "unsloth" and not unsloth_installed():
+        problems.append(("model.backend", "unsloth is not installed; `just setup gpu` installs it, "
+                         "or use backend: transformers"))
+    if model_cfg["quantization"] != "none" and not gpu:
+        problems.append(("model.quantization", f"{model_cfg['quantization']} (bitsandbytes) needs a CUDA GPU; "
+                         "use quantization: none on this machine"))
+    if train_cfg["precision"] in ("bf16", "fp16") and not gpu:
+        problems.append(("train.precision", f"{train_cfg['precision']} mixed precision needs a GPU here; use fp32 or auto"))
+    return problems
+
+
+def load_backend(name: str):
+    if name == "transformers":
+        from . import transformers_backend
+
+        return transformers_backend
+    if name == "unsloth":
+        from . import unsloth_backend
+
+        return unsloth_backend
+    raise ValueError(f"unknown backend {name!r}")

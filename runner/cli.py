@@ -1,0 +1,143 @@
+"""The `recipe` command line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from .recipe import Problem, RecipeError, load_recipe
+
+SET_OPTION = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a recipe value (YAML syntax), e.g. --set train.max_steps=5. Repeatable.")
+
+
+def _fail(problems: list[Problem]) -> None:
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    click.echo(f"{len(problems)} problem{'s' * (len(problems) != 1)} found", err=True)
+    sys.exit(1)
+
+
+@click.group()
+def main() -> None:
+    """Fine-tune Qwen2.5-VL into a LaTeX OCR model from one YAML recipe."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@SET_OPTION
+def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check recipes without running them; report every problem of every file."""
+    problems = []
+    for file in files:
+        try:
+            load_recipe(file, list(overrides))
+            click.echo(f"{file}: ok")
+        except RecipeError as error:
+            problems += error.problems
+    if problems:
+        _fail(problems)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@SET_OPTION
+def run(file: str, overrides: tuple[str, ...]) -> None:
+    """Validate FILE, print the resolved plan, and run every step."""
+    from . import backends
+    from .data import DataError
+    from .run import run as run_recipe
+
+    try:
+        recipe = load_recipe(file, list(overrides))
+    except RecipeError as error:
+        _fail(error.problems)
+    problems = [Problem(file, path, message) for path, message in backends.machine_problems(recipe["model"], recipe["train"])]
+    model_id = Path(recipe["model"]["id"])
+    if model_id.parts[:2] == ("assets", "tiny") and not model_id.exists():
+        problems.append(Problem(file, "model.id", f"{model_id} does not exist yet; build it with `recipe tiny` "
+                                                  "(or `just setup`)"))
+    if problems:
+        _fail(problems)
+    try:
+        run_dir = run_recipe(recipe)
+    except DataError as error:
+        click.echo(f"{file}: dataset: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"done: {run_dir}")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["cpu", "gpu", "colab-a100"]))
+@click.option("--dry-run", is_flag=True, help="Print the pip commands without running them.")
+def install(name: str, dry_run: bool) -> None:
+    """Install a named install set into this Python environment."""
+    from . import install_sets
+
+    click.echo(f"install set {name}: {install_sets.SETS[name]['about']}")
+    if dry_run:
+        for command in install_sets.commands(name):
+            click.echo(" ".join(command))
+        return
+    install_sets.install(name)
+
+
+@main.command()
+@click.option("--root", default="assets/tiny", show_default=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Rebuild even if the assets exist.")
+def tiny(root: Path, force: bool) -> None:
+    """Build the embedded default: a tiny random-weight Qwen2.5-VL and rendered formulas (no network)."""
+    from .tiny import build_assets
+
+    if (root / "model" / "config.json").exists() and (root / "data" / "test.parquet").exists() and not force:
+        click.echo(f"{root}: already built (--force rebuilds)")
+        return
+    paths = build_assets(root)
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--from", "source", default="recipes/qwen25vl_latex_a100.yaml", show_default=True,
+              type=click.Path(exists=True, path_type=Path), help="Recipe to copy.")
+@click.option("--dataset", default=None, help="Dataset id or local path for the new recipe.")
+def new(name: str, source: Path, dataset: str | None) -> None:
+    """Copy a recipe as recipes/NAME.yaml, with its name (and dataset) replaced."""
+    import re
+
+    target = Path("recipes") / f"{name}.yaml"
+    if target.exists():
+        raise click.ClickException(f"{target} exists already")
+    text = re.sub(r"(?m)^name: .*$", f"name: {name}", source.read_text(), count=1)
+    if dataset is not None:
+        text = re.sub(r"(?m)^(\s+id: )unsloth/LaTeX_OCR.*$", rf"\g<1>{dataset}", text, count=1)
+    target.write_text(text)
+    try:
+        load_recipe(target)
+    except RecipeError as error:
+        target.unlink()
+        _fail(error.problems)
+    click.echo(f"{target}: written; edit it, then `just run {target}`")
+
+
+@main.command()
+@click.option("--readme", default="README.md", show_default=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--check", is_flag=True, help="Fail if the README's reference is out of date instead of rewriting it.")
+def reference(readme: Path, check: bool) -> None:
+    """Regenerate the README's recipe reference from the schema."""
+    from .reference import update_readme
+
+    original = readme.read_text()
+    changed = update_readme(readme)
+    if check and changed:
+        readme.write_text(original)
+        raise click.ClickException(f"{readme}: the recipe reference is out of date; run `recipe reference`")
+    click.echo(f"{readme}: {'updated' if changed else 'up to date'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`recipe run`: the whole fine-tune, top to bottom. Read this file first.
+
+    recipe  -> plan (resolved recipe, logged and saved in the run directory)
+            -> model   (backend.load:        model section)
+            -> data    (data.prepare:        dataset section)
+            -> lora    (backend.attach_lora: lora section)
+            -> train   (train.train:         train section)
+            -> eval    (evaluate.evaluate:   eval section)
+            -> export  (export.export:       export section)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from . import backends, install_sets
+from .recipe import dump
+
+log = logging.getLogger("runner")
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    log.handlers.clear()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@contextmanager
+def step(name: str, timings: dict):
+    log.info("── %s", name)
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 2)
+    log.info("── %s done in %.1f s", name, timings[name])
+
+
+def make_run_dir(recipe: dict) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(recipe["output_dir"]) / recipe["name"] / stamp
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def run(recipe: dict) -> Path:
+    """Runs a validated, resolved recipe; returns the run directory."""
+    run_dir = make_run_dir(recipe)
+    setup_logging(run_dir / "run.log")
+    (run_dir / "recipe.resolved.yaml").write_text(dump(recipe))
+    log.info("run directory: %s\nresolved recipe:\n%s", run_dir, dump(recipe))
+    for warning in install_sets.mismatches(recipe["install"]):
+        log.warning("install set %s: %s", recipe["install"], warning)
+
+    backend_name, why = backends.select(recipe["model"]["backend"])
+    log.info("backend: %s (%s)", backend_name, why)
+    backend = backends.load_backend(backend_name)
+    timings: dict[str, float] = {}
+    metrics: dict = {"backend": backend_name, "timings_s": timings}
+
+    with step("model", timings):
+        model, processor = backend.load(recipe["model"])
+    with step("data", timings):
+        from .data import prepare
+
+        data = prepare(recipe["dataset"], processor, recipe["model"]["max_seq_length"])
+        metrics["data"] = {report.name: report.as_dict() for report in data.reports}
+    with step("lora", timings):
+        model = backend.attach_lora(model, recipe["lora"])
+    with step("train", timings):
+        from .train import VisionCollator, train
+
+        dataset = recipe["dataset"]
+        collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
+                                  dataset["text_column"], data.base_dir)
+        metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
+                                 recipe["model"]["max_seq_length"])
+
+    eval_rows = data.train if recipe["eval"]["split"] == "train" else data.eval
+    if recipe["eval"]["enabled"] and eval_rows is not None:
+        with step("eval", timings):
+            from .evaluate import evaluate
+
+            metrics["eval"] = evaluate(model, processor, eval_rows, recipe["eval"], dataset["instruction"],
+                                       (dataset["image_column"], dataset["text_column"]), data.base_dir, run_dir)
+    elif recipe["eval"]["enabled"]:
+        log.info("eval: skipped, the dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
+
+    if recipe["export"]:
+        with step("export", timings):
+            from .export import export
+
+            del model  # free the training copy before the export loads the base weights again
+            metrics["exports"] = export(recipe["export"], run_dir / "adapter", Path("exports") / recipe["name"],
+                                        recipe["model"]["id"], dataset["id"], recipe["model"]["dtype"])
+
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    log.info("metrics: %s", run_dir / "metrics.json")
+    return run_dir

@@ -1,0 +1,113 @@
+"""The train step: trl's SFTTrainer driven by the recipe's `train` section, with the runner's own collator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .prompt import decode_image, training_batch
+
+log = logging.getLogger("runner")
+
+
+class VisionCollator:
+    """Decodes a batch of rows and encodes it with labels on the answers only (see runner/prompt.py)."""
+
+    def __init__(self, processor, instruction: str, image_column: str, text_column: str, base_dir=None):
+        self.processor, self.instruction = processor, instruction
+        self.image_column, self.text_column, self.base_dir = image_column, text_column, base_dir
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images = [decode_image(row[self.image_column], self.base_dir) for row in rows]
+        return training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
+
+
+class LogToFile(TrainerCallback):
+    """Copies the trainer's periodic logs (loss, learning rate, grad norm) into the run log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            log.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+
+def resolve_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) flags for the trainer."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return False, False
+        return (True, False) if torch.cuda.is_bf16_supported() else (False, True)
+    return precision == "bf16", precision == "fp16"
+
+
+def resolve_optimizer(name: str) -> str:
+    if "8bit" in name and not torch.cuda.is_available():
+        log.info("train: optimizer %s needs bitsandbytes on a CUDA GPU; using adamw_torch on this CPU", name)
+        return "adamw_torch"
+    return name
+
+
+def sft_config(cfg: dict, output_dir: Path, max_seq_length: int):
+    """Maps the `train` section onto trl's SFTConfig, with the settings vision training requires."""
+    from trl import SFTConfig
+
+    bf16, fp16 = resolve_precision(cfg["precision"])
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=cfg["max_steps"] if cfg["max_steps"] is not None else -1,
+        num_train_epochs=cfg["epochs"],
+        per_device_train_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=cfg["warmup_steps"],
+        optim=resolve_optimizer(cfg["optimizer"]),
+        weight_decay=cfg["weight_decay"],
+        max_grad_norm=cfg["max_grad_norm"],
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
+        bf16=bf16,
+        fp16=fp16,
+        logging_steps=cfg["logging_steps"],
+        report_to=[],  # TensorBoard is attached in train() so its events land in the run directory
+        save_strategy="steps" if cfg["save_steps"] else "no",
+        save_steps=cfg["save_steps"] or 500,
+        save_total_limit=cfg["save_total_limit"],
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        dataloader_num_workers=cfg["dataloader_workers"],
+        # Vision rows are encoded on the fly by the collator: trl must neither tokenize nor drop columns.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=max_seq_length,
+        packing=False,
+        eval_strategy="no",
+        disable_tqdm=False,
+    )
+
+
+def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int):
+    """Runs the train step; returns the trainer's final metrics. The final adapter goes to `output_dir/adapter`."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length)
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
+        callbacks=[LogToFile(), tensorboard],
+    )
+    result = trainer.train()
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    log.info("train: adapter saved to %s", adapter_dir)
+    metrics = dict(result.metrics)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if history:
+        metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]
+    return metrics
