@@ -47,19 +47,15 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @SET_OPTION
 def run(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
-    from . import backends
     from .data import DataError
+    from .run import preflight
     from .run import run as run_recipe
 
     try:
         recipe = load_recipe(file, list(overrides))
     except RecipeError as error:
         _fail(error.problems)
-    problems = [Problem(file, path, message) for path, message in backends.machine_problems(recipe["model"], recipe["train"])]
-    model_id = Path(recipe["model"]["id"])
-    if model_id.parts[:2] == ("assets", "tiny") and not model_id.exists():
-        problems.append(Problem(file, "model.id", f"{model_id} does not exist yet; build it with `recipe tiny` "
-                                                  "(or `just setup`)"))
+    problems = [Problem(file, path, message) for path, message in preflight(recipe)]
     if problems:
         _fail(problems)
     try:

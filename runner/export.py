@@ -79,6 +79,10 @@ processor = AutoProcessor.from_pretrained("{final}")
     return final
 
 
+UNAVAILABLE = {"gguf": "GGUF export is not available in this version yet; export merged_16bit and convert it with "
+                       "llama.cpp's convert_hf_to_gguf.py (text) and --mmproj (vision projector)"}
+
+
 def export(targets: list[dict], adapter_dir: Path, export_root: Path, base_model: str, trained_on: str,
            dtype_name: str) -> dict[str, str]:
     """Runs every export target; returns {format: directory}."""
@@ -90,9 +94,7 @@ def export(targets: list[dict], adapter_dir: Path, export_root: Path, base_model
         elif target["format"] == "merged_16bit":
             export_merged_16bit(adapter_dir, final, base_model, trained_on, dtype_name)
         else:
-            from .gguf import export_gguf
-
-            export_gguf(adapter_dir, final, base_model, trained_on, target["quantizations"])
+            raise ValueError(f"export format {target['format']!r} is not available in this version")
         log.info("export %s: %s", target["format"], final)
         written[target["format"]] = str(final)
     return written

@@ -248,8 +248,8 @@ def validate(recipe: Any, positions: dict, filename: str, origins: dict | None =
 def _sort_key(where: str):
     parts = where.rsplit(":", 2)
     if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        return (0, int(parts[1]), int(parts[2]))
-    return (1, 0, 0)
+        return (0, int(parts[1]), int(parts[2]), "")
+    return (1, 0, 0, where)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:

@@ -54,6 +54,20 @@ def make_run_dir(recipe: dict) -> Path:
     return run_dir
 
 
+def preflight(recipe: dict) -> list[tuple[str, str]]:
+    """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
+    from .export import UNAVAILABLE
+
+    problems = backends.machine_problems(recipe["model"], recipe["train"])
+    for index, target in enumerate(recipe["export"]):
+        if target["format"] in UNAVAILABLE:
+            problems.append((f"export.{index}.format", UNAVAILABLE[target["format"]]))
+    model_id = Path(recipe["model"]["id"])
+    if model_id.parts[:2] == ("assets", "tiny") and not model_id.exists():
+        problems.append(("model.id", f"{model_id} does not exist yet; build it with `recipe tiny` (or `just setup`)"))
+    return problems
+
+
 def run(recipe: dict) -> Path:
     """Runs a validated, resolved recipe; returns the run directory."""
     run_dir = make_run_dir(recipe)

@@ -79,6 +79,7 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int):
         seed=cfg["seed"],
         data_seed=cfg["seed"],
         dataloader_num_workers=cfg["dataloader_workers"],
+        dataloader_pin_memory=torch.cuda.is_available(),
         # Vision rows are encoded on the fly by the collator: trl must neither tokenize nor drop columns.
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},

@@ -1,0 +1,35 @@
+# Shortcuts for the recipe runner. `just --list` shows them all.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := ".venv/bin/python"
+
+# Create .venv, apply an install set (cpu | gpu | colab-a100) and build the tiny embedded model and data
+setup set="cpu":
+    test -x {{python}} || python3 -m venv {{ if set == "cpu" { "" } else { "--system-site-packages" } }} .venv
+    {{python}} -m pip install -q --disable-pip-version-check click pyyaml jsonschema packaging
+    {{python}} -m runner install {{set}}
+    {{python}} -m runner tiny
+
+# Run a recipe end to end, e.g. `just run recipes/smoke_tiny.yaml --set train.max_steps=5`
+run recipe *args:
+    {{python}} -m runner run {{recipe}} {{args}}
+
+# Validate recipes without running them (default: every recipe under recipes/)
+validate *files:
+    {{python}} -m runner validate {{ if files == "" { "$(find recipes -name '*.yaml' | sort)" } else { files } }}
+
+# Run the test suite (slow tests included, as in CI)
+test *args:
+    {{python}} -m pytest -ra --durations=8 {{args}}
+
+# Colab A100 bootstrap: a venv over Colab's own torch, Unsloth's install lines, then the tiny assets
+colab-setup:
+    just setup colab-a100
+
+# Copy the flagship recipe for a new dataset: `just new my_formulas path/or/hub-id`
+new name dataset="":
+    {{python}} -m runner new {{name}} {{ if dataset == "" { "" } else { "--dataset " + dataset } }}
+
+# Regenerate the README's recipe reference from schemas/
+reference:
+    {{python}} -m runner reference
