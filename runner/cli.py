@@ -66,6 +66,32 @@ def run(file: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"done: {run_dir}")
 
 
+@main.command("eval")
+@click.argument("target", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--recipe", "recipe_file", required=True, type=click.Path(), help="Recipe whose model, dataset "
+              "and eval sections to use.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory "
+              "(default: TARGET/eval-<timestamp>).")
+@SET_OPTION
+def eval_command(target: Path, recipe_file: str, out: Path | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate TARGET (a run directory, a LoRA export or a merged model) on the recipe's evaluation rows."""
+    from .data import DataError
+    from .run import preflight, run_eval
+
+    try:
+        recipe = load_recipe(recipe_file, list(overrides))
+    except RecipeError as error:
+        _fail(error.problems)
+    problems = [Problem(recipe_file, p, m) for p, m in preflight(recipe) if not p.startswith("export")]
+    if problems:
+        _fail(problems)
+    try:
+        click.echo(f"done: {run_eval(recipe, target, out)}")
+    except (DataError, FileNotFoundError, ValueError) as error:
+        click.echo(f"{target}: {error}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("name", type=click.Choice(["cpu", "gpu", "colab-a100"]))
 @click.option("--dry-run", is_flag=True, help="Print the pip commands without running them.")

@@ -20,7 +20,9 @@ from datetime import datetime
 from pathlib import Path
 
 from . import backends, install_sets
+from .evaluate import evaluate, limit_rows
 from .recipe import dump
+from .report import write_report
 
 log = logging.getLogger("runner")
 
@@ -90,26 +92,32 @@ def run(recipe: dict) -> Path:
 
         data = prepare(recipe["dataset"], processor, recipe["model"]["max_seq_length"])
         metrics["data"] = {report.name: report.as_dict() for report in data.reports}
+    dataset, eval_cfg = recipe["dataset"], recipe["eval"]
+    eval_rows = data.train if eval_cfg["split"] == "train" else data.eval
+    evaluating = eval_cfg["enabled"] and eval_rows is not None
+    if eval_cfg["enabled"] and eval_rows is None:
+        log.info("eval: skipped, the dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
+    eval_args = (eval_cfg, dataset["instruction"], (dataset["image_column"], dataset["text_column"]), data.base_dir)
+    before = None
+    if evaluating and eval_cfg["compare_base"]:
+        with step("eval-base", timings):
+            before = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions_base.jsonl", "base")
     with step("lora", timings):
         model = backend.attach_lora(model, recipe["lora"])
     with step("train", timings):
         from .train import VisionCollator, train
 
-        dataset = recipe["dataset"]
         collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
                                   dataset["text_column"], data.base_dir)
         metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
                                  recipe["model"]["max_seq_length"])
-
-    eval_rows = data.train if recipe["eval"]["split"] == "train" else data.eval
-    if recipe["eval"]["enabled"] and eval_rows is not None:
+    if evaluating:
         with step("eval", timings):
-            from .evaluate import evaluate
-
-            metrics["eval"] = evaluate(model, processor, eval_rows, recipe["eval"], dataset["instruction"],
-                                       (dataset["image_column"], dataset["text_column"]), data.base_dir, run_dir)
-    elif recipe["eval"]["enabled"]:
-        log.info("eval: skipped, the dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
+            after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")
+            metrics["eval"] = {"after": after[0], **({"before": before[0]} if before else {})}
+            shown = limit_rows(eval_rows, eval_cfg["max_samples"])
+            images = dict(zip(shown["row_id"], shown[dataset["image_column"]]))
+            log.info("eval: report %s", write_report(run_dir, after, before, images, data.base_dir))
 
     if recipe["export"]:
         with step("export", timings):
@@ -122,3 +130,41 @@ def run(recipe: dict) -> Path:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log.info("metrics: %s", run_dir / "metrics.json")
     return run_dir
+
+
+def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
+    """`recipe eval`: evaluates a finished run directory, a LoRA export or a merged model on the recipe's rows."""
+    adapter = next((d for d in (target / "adapter", target) if (d / "adapter_config.json").exists()), None)
+    if adapter is None and not (target / "config.json").exists():
+        raise FileNotFoundError(f"{target}: neither a run directory, a LoRA adapter nor a model directory")
+    out_dir = out_dir or target / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir / "eval.log")
+    model_cfg = {**recipe["model"], **({} if adapter else {"id": str(target)})}
+    backend_name, why = backends.select(model_cfg["backend"])
+    log.info("evaluating %s (base %s, backend %s: %s)", adapter or target, model_cfg["id"], backend_name, why)
+    model, processor = backends.load_backend(backend_name).load(model_cfg)
+    from .data import prepare
+
+    dataset, eval_cfg = recipe["dataset"], recipe["eval"]
+    data = prepare(dataset, processor, model_cfg["max_seq_length"])
+    rows = data.train if eval_cfg["split"] == "train" else data.eval
+    if rows is None:
+        raise ValueError("the recipe's dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
+    eval_args = (eval_cfg, dataset["instruction"], (dataset["image_column"], dataset["text_column"]), data.base_dir)
+    before = None
+    if adapter is not None:
+        from peft import PeftModel
+
+        if eval_cfg["compare_base"]:
+            before = evaluate(model, processor, rows, *eval_args, out_dir / "predictions_base.jsonl", "base")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    elif eval_cfg["compare_base"]:
+        log.info("eval: compare_base needs an adapter to compare against its base; skipped for a merged model")
+    after = evaluate(model, processor, rows, *eval_args, out_dir / "predictions.jsonl", "eval")
+    metrics = {"after": after[0], **({"before": before[0]} if before else {})}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shown = limit_rows(rows, eval_cfg["max_samples"])
+    images = dict(zip(shown["row_id"], shown[dataset["image_column"]]))
+    log.info("eval: report %s", write_report(out_dir, after, before, images, data.base_dir))
+    return out_dir

@@ -42,9 +42,19 @@ def test_smoke_recipe_writes_a_complete_run_directory_and_exports(tiny_assets, t
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["data"]["train"] == {"rows": 64, "kept": 64, "skipped": {}}
     assert metrics["train"]["first_loss"] > 0 and metrics["train"]["train_runtime"] > 0
-    assert metrics["eval"]["rows"] == 16 and 0 <= metrics["eval"]["edit_distance"] <= 1
+    after, before = metrics["eval"]["after"], metrics["eval"]["before"]  # smoke_tiny sets eval.compare_base
+    assert after["rows"] == before["rows"] == 16 and 0 <= after["edit_distance"] <= 1
+    assert {"bleu", "bleu_normalized", "edit_distance_normalized", "token_exact_match", "token_edit_distance",
+            "samples_per_s"} <= after.keys()
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 16 and {"row_id", "reference", "prediction", "exact_match"} <= predictions[0].keys()
+    assert len(predictions) == 16 and {"row_id", "reference", "prediction", "exact_match", "edit_distance",
+                                       "token_edit_distance"} <= predictions[0].keys()
+    base_predictions = (run_dir / "predictions_base.jsonl").read_text().splitlines()
+    assert [json.loads(line)["row_id"] for line in base_predictions] == [p["row_id"] for p in predictions]
+    report = (run_dir / "report.md").read_text()
+    assert "| metric | before training | after training | change |" in report
+    assert "## Examples, before and after" in report and "## The 10 worst rows" in report
+    assert (run_dir / "edit_distance_histogram.png").exists() and len(list((run_dir / "report_images").glob("*.png"))) == 10
     assert (run_dir / "adapter" / "adapter_config.json").exists()
 
     lora_dir, merged_dir = tmp_path / "exports" / "smoke-tiny" / "lora", tmp_path / "exports" / "smoke-tiny" / "merged_16bit"
@@ -54,6 +64,15 @@ def test_smoke_recipe_writes_a_complete_run_directory_and_exports(tiny_assets, t
     assert not [p for p in (tmp_path / "exports" / "smoke-tiny").iterdir() if p.name.startswith(".")]  # no staging left
     config = json.loads((merged_dir / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl" and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+    # `recipe eval` on the finished run reproduces the run's own evaluation
+    args = ["eval", str(run_dir), "--recipe", str(REPO / "recipes" / "smoke_tiny.yaml"), "--out", str(tmp_path / "ev")]
+    for override in smoke_overrides(tiny_assets, tmp_path / "runs") + ["eval.compare_base=false"]:
+        args += ["--set", override]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())["after"]
+    assert again["exact_match"] == after["exact_match"] and again["edit_distance"] == pytest.approx(after["edit_distance"])
 
 
 @pytest.mark.slow
@@ -66,6 +85,8 @@ def test_the_model_learns_from_the_image_memorizes_16_formulas(tiny_assets, tmp_
     exact = sum(p["prediction"] == p["reference"] for p in predictions)
     print(f"memorization: {exact}/16 exact")
     assert exact >= 15, "\n".join(f"{p['reference']!r} -> {p['prediction']!r}" for p in predictions)
+    reported = json.loads((run_dir / "metrics.json").read_text())["eval"]["after"]
+    assert reported["exact_match"] * 16 >= 15  # the eval step's own figure says the same
 
 
 def test_run_refuses_a_recipe_this_machine_cannot_run(tmp_path, monkeypatch):
