@@ -123,7 +123,7 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
         dataset = dataset.cast_column(cfg["image_column"], ImageFeature(decode=False))
     tokenizer = processor.tokenizer
     prompt_tokens = len(tokenizer(prompt_text(processor, cfg["instruction"]), add_special_tokens=False)["input_ids"])
-    report, keep = SplitReport(split), []
+    report, keep, lengths = SplitReport(split), [], []
     total = len(dataset) if limit is None else min(limit, len(dataset))
     bar = tqdm(total=total, desc=f"checking {split} rows", unit="row", leave=False)
     for start in range(0, len(dataset), 256):
@@ -154,6 +154,7 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
                 report.skip(f"longer than max_seq_length {max_seq_length}", row_id)
                 continue
             keep.append(start + offset)
+            lengths.append(length)
             bar.update(1)
             if limit is not None and len(keep) >= limit:
                 break
@@ -161,7 +162,9 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
             break
     bar.close()
     report.kept = len(keep)
-    return dataset.select(keep).select_columns(["row_id", cfg["image_column"], cfg["text_column"]]), report
+    rows = dataset.select(keep).select_columns(["row_id", cfg["image_column"], cfg["text_column"]])
+    # `length` (tokens, image tokens included) lets the trainer group samples of similar length
+    return (rows.add_column("length", lengths) if keep else rows), report
 
 
 def prepare(cfg: dict, processor, max_seq_length: int) -> PreparedData:

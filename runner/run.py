@@ -85,8 +85,9 @@ def run(recipe: dict) -> Path:
     timings: dict[str, float] = {}
     metrics: dict = {"backend": backend_name, "timings_s": timings}
 
+    checkpointing = recipe["train"]["gradient_checkpointing"]  # Unsloth sets it up when loading
     with step("model", timings):
-        model, processor = backend.load(recipe["model"])
+        model, processor = backend.load(recipe["model"], checkpointing)
     with step("data", timings):
         from .data import prepare
 
@@ -101,18 +102,20 @@ def run(recipe: dict) -> Path:
     before = None
     if evaluating and eval_cfg["compare_base"]:
         with step("eval-base", timings):
+            model = backend.prepare_for_inference(model)
             before = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions_base.jsonl", "base")
     with step("lora", timings):
-        model = backend.attach_lora(model, recipe["lora"])
+        model = backend.attach_lora(model, recipe["lora"], checkpointing)
     with step("train", timings):
         from .train import VisionCollator, train
 
         collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
                                   dataset["text_column"], data.base_dir)
         metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
-                                 recipe["model"]["max_seq_length"])
+                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING)
     if evaluating:
         with step("eval", timings):
+            model = backend.prepare_for_inference(model)
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")
             metrics["eval"] = {"after": after[0], **({"before": before[0]} if before else {})}
             shown = limit_rows(eval_rows, eval_cfg["max_samples"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -20,9 +21,15 @@ class VisionCollator:
         self.processor, self.instruction = processor, instruction
         self.image_column, self.text_column, self.base_dir = image_column, text_column, base_dir
 
+        self.samples, self.real_tokens, self.padded_tokens = 0, 0, 0
+
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column], self.base_dir) for row in rows]
-        return training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
+        batch = training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
+        self.samples += len(rows)
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += batch["attention_mask"].numel()
+        return batch
 
 
 class LogToFile(TrainerCallback):
@@ -32,6 +39,44 @@ class LogToFile(TrainerCallback):
         if logs:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
             log.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+
+class SpeedMeter(TrainerCallback):
+    """Time to first step, then steady-state throughput over the steps after `warmup_steps`, and peak memory."""
+
+    def __init__(self, collator: VisionCollator, samples_per_step: int, warmup_steps: int = 2):
+        self.collator, self.samples_per_step, self.warmup_steps = collator, samples_per_step, warmup_steps
+        self.started = self.first_step_s = self.steady_start = None
+        self.steady_steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if state.global_step == 1:
+            self.first_step_s = now - self.started
+        if state.global_step == self.warmup_steps:
+            self.steady_start = now
+        elif state.global_step > self.warmup_steps:
+            self.steady_steps = state.global_step - self.warmup_steps
+            self.steady_s = now - self.steady_start
+
+    def figures(self) -> dict:
+        c = self.collator
+        figures = {"time_to_first_step_s": self.first_step_s, "samples_per_step": self.samples_per_step,
+                   "real_tokens_per_sample": c.real_tokens / max(c.samples, 1),
+                   "padding_fraction": 1 - c.real_tokens / max(c.padded_tokens, 1)}
+        if self.steady_steps:
+            figures["steady_steps"] = self.steady_steps
+            figures["samples_per_s"] = self.steady_steps * self.samples_per_step / self.steady_s
+            figures["real_tokens_per_s"] = figures["samples_per_s"] * figures["real_tokens_per_sample"]
+        if torch.cuda.is_available():
+            figures["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            figures["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        return figures
 
 
 def resolve_precision(precision: str) -> tuple[bool, bool]:
@@ -50,7 +95,7 @@ def resolve_optimizer(name: str) -> str:
     return name
 
 
-def sft_config(cfg: dict, output_dir: Path, max_seq_length: int):
+def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpointing: bool = True):
     """Maps the `train` section onto trl's SFTConfig, with the settings vision training requires."""
     from trl import SFTConfig
 
@@ -67,8 +112,10 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int):
         optim=resolve_optimizer(cfg["optimizer"]),
         weight_decay=cfg["weight_decay"],
         max_grad_norm=cfg["max_grad_norm"],
-        gradient_checkpointing=cfg["gradient_checkpointing"],
+        gradient_checkpointing=cfg["gradient_checkpointing"] and trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
+        train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
+        length_column_name="length",
         bf16=bf16,
         fp16=fp16,
         logging_steps=cfg["logging_steps"],
@@ -90,24 +137,27 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int):
     )
 
 
-def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int):
+def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
+          trainer_checkpointing: bool = True):
     """Runs the train step; returns the trainer's final metrics. The final adapter goes to `output_dir/adapter`."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
-    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length)
+    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing)
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
+    speed = SpeedMeter(collator, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"])
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
-        callbacks=[LogToFile(), tensorboard],
+        callbacks=[LogToFile(), tensorboard, speed],
     )
     result = trainer.train()
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
     log.info("train: adapter saved to %s", adapter_dir)
-    metrics = dict(result.metrics)
+    metrics = {**result.metrics, "speed": speed.figures()}
+    log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items() if v is not None))
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     if history:
         metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]

@@ -8,6 +8,8 @@ import re
 import torch
 
 log = logging.getLogger("runner")
+# The trainer turns on gradient checkpointing from `train.gradient_checkpointing` (Unsloth does its own instead).
+TRAINER_CHECKPOINTING = True
 
 # Module names in transformers' Qwen2_5_VLForConditionalGeneration (checked in tests/backends).
 LANGUAGE_ATTENTION = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -47,8 +49,8 @@ def quantization_config(model_cfg: dict, dtype: torch.dtype):
     return None
 
 
-def load(model_cfg: dict):
-    """Returns (model, processor) for the `model` section."""
+def load(model_cfg: dict, gradient_checkpointing: bool = True):
+    """Returns (model, processor) for the `model` section (checkpointing is left to the trainer here)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtype = resolve_dtype(model_cfg["dtype"])
@@ -92,7 +94,7 @@ def lora_config(lora_cfg: dict):
     )
 
 
-def attach_lora(model, lora_cfg: dict):
+def attach_lora(model, lora_cfg: dict, gradient_checkpointing: bool = True):
     """Wraps `model` in a peft model with the `lora` section's adapters; only the adapters train."""
     from peft import get_peft_model
 
@@ -104,4 +106,8 @@ def attach_lora(model, lora_cfg: dict):
         raise ValueError(f"lora: target_modules {target_modules(lora_cfg)!r} matched no module of the model")
     log.info("lora: %d adapted modules, %s trainable of %s parameters (%.2f%%)", len(names), f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def prepare_for_inference(model):
     return model

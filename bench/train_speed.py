@@ -1,0 +1,116 @@
+"""Training throughput of the Qwen2.5-VL-7B architecture through the real recipe path, one setting per process.
+
+Each setting is `recipe run RECIPE --set ...` in a fresh Python process (Unsloth patches transformers when
+imported, so settings must not share a process), on real formula images, with the model directory built by
+bench/qwen25vl_7b.py. Figures come from the run's own metrics.json (`train.speed`, measured by
+runner.train.SpeedMeter): steady-state samples/s after two warm-up steps, real (unpadded) tokens/s, peak GPU
+memory, time to first step.
+
+    python -m bench.train_speed --model-dir /tmp/qwen7b --data bench_data/validation_2048.parquet \
+        --settings notebook_transformers_bf16,notebook_transformers_4bit,notebook_unsloth_4bit,fast \
+        --out docs/benchmarks/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLAGSHIP = "recipes/qwen25vl_latex_a100.yaml"
+FAST = "recipes/qwen25vl_latex_fast.yaml"
+# name -> (recipe, overrides, steps). The notebook settings keep the flagship's batch 2 x accumulation 4.
+SETTINGS: dict[str, tuple[str, list[str], int]] = {
+    "notebook_transformers_bf16": (FLAGSHIP, ["model.backend=transformers", "model.quantization=none"], 12),
+    "notebook_transformers_4bit": (FLAGSHIP, ["model.backend=transformers", "model.quantization=4bit"], 12),
+    "notebook_unsloth_4bit": (FLAGSHIP, ["model.backend=unsloth", "model.quantization=4bit"], 12),
+    "fast": (FAST, [], 12),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Training throughput per setting, through `recipe run`.")
+    parser.add_argument("--model-dir", type=Path, required=True, help="built here first if it has no config.json")
+    parser.add_argument("--data", type=Path, required=True, help="parquet in the unsloth/LaTeX_OCR schema")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=RECIPE;KEY=VALUE;...",
+                        help="an ad-hoc setting (repeatable), e.g. 'bs64=recipes/qwen25vl_latex_fast.yaml;train.batch_size=64'")
+    parser.add_argument("--steps", type=int, default=None, help="override every setting's step count")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the raw figures")
+    parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_runs"))
+    args = parser.parse_args(argv)
+    settings = {}
+    for name in filter(None, args.settings.split(",")):
+        if name not in SETTINGS:
+            parser.error(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+        settings[name] = SETTINGS[name]
+    for extra in args.extra:
+        name, _, spec = extra.partition("=")
+        recipe, *overrides = spec.split(";")
+        if not name or not recipe:
+            parser.error(f"--extra {extra!r}: expected NAME=RECIPE;KEY=VALUE;...")
+        settings[name] = (recipe, overrides, 12)
+    args.settings = settings
+    return args
+
+
+def command(name: str, recipe: str, overrides: list[str], steps: int, args) -> list[str]:
+    common = [f"model.id={args.model_dir}", f"dataset.id={args.data}", "dataset.eval_split=null",
+              "dataset.shuffle=false", "eval.enabled=false", "export=[]", f"output_dir={args.runs_dir}",
+              f"name={name}", f"train.max_steps={steps}", "train.save_steps=null", "install=none"]
+    cmd = [sys.executable, "-m", "runner", "run", recipe]
+    for override in common + overrides:
+        cmd += ["--set", override]
+    return cmd
+
+
+def run_setting(name: str, recipe: str, overrides: list[str], steps: int, args) -> dict:
+    started = time.perf_counter()
+    result = subprocess.run(command(name, recipe, overrides, steps, args), env=os.environ.copy())
+    row = {"setting": name, "recipe": recipe, "overrides": overrides, "steps": steps, "exit_code": result.returncode,
+           "wall_s": round(time.perf_counter() - started, 1)}
+    runs = sorted((args.runs_dir / name).glob("*/metrics.json"))
+    if result.returncode == 0 and runs:
+        metrics = json.loads(runs[-1].read_text())
+        row.update(backend=metrics["backend"], **metrics["train"]["speed"])
+        row["train_loss"] = metrics["train"].get("train_loss")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| setting | backend | samples/step | samples/s | real tokens/s | peak alloc GiB | peak reserved GiB "
+             "| first step s | epoch (68,686 rows) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "samples_per_s" not in r:
+            lines.append(f"| {r['setting']} | failed (exit {r['exit_code']}) | | | | | | | |")
+            continue
+        epoch_min = 68686 / r["samples_per_s"] / 60
+        lines.append(f"| {r['setting']} | {r['backend']} | {r['samples_per_step']} | {r['samples_per_s']:.2f} | "
+                     f"{r['real_tokens_per_s']:.0f} | {r.get('peak_allocated_gib', 0):.1f} | "
+                     f"{r.get('peak_reserved_gib', 0):.1f} | {r['time_to_first_step_s']:.1f} | {epoch_min:.0f} min |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not (args.model_dir / "config.json").exists():
+        from bench import qwen25vl_7b
+
+        qwen25vl_7b.build(args.model_dir)
+    rows = []
+    for name, (recipe, overrides, steps) in args.settings.items():
+        rows.append(run_setting(name, recipe, overrides, args.steps or steps, args))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # written after every setting, so a cut-off run keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"benchmark": "train_speed", "date": time.strftime("%Y-%m-%d"),
+                                            "results": rows}, indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

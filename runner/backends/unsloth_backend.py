@@ -1,0 +1,44 @@
+"""Unsloth: FastVisionModel loading (4-bit or 16-bit, Unsloth's offloaded gradient checkpointing) and its LoRA.
+
+Unsloth patches transformers, peft and trl when it is imported, so this module imports it first; the runner loads
+the backend before any step imports transformers. Training is the same trl SFTTrainer and the same answer-only
+collator as the transformers backend (runner/train.py): Unsloth's own vision collator masks only padding and
+image tokens, so it would also train on the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import unsloth  # noqa: F401  (must precede transformers, peft and trl)
+from unsloth import FastVisionModel
+
+from .transformers_backend import configure_processor
+from .unsloth_args import from_pretrained_kwargs, get_peft_model_kwargs
+
+log = logging.getLogger("runner")
+# Unsloth checkpoints activations itself (use_gradient_checkpointing="unsloth"); the trainer must not add its own.
+TRAINER_CHECKPOINTING = False
+
+
+def load(model_cfg: dict, gradient_checkpointing: bool = True):
+    """Returns (model, processor) for the `model` section."""
+    model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, gradient_checkpointing))
+    configure_processor(processor, model_cfg)
+    log.info("model %s through Unsloth: %s, quantization %s", model_cfg["id"], type(model).__name__,
+             model_cfg["quantization"])
+    return model, processor
+
+
+def attach_lora(model, lora_cfg: dict, gradient_checkpointing: bool = True):
+    model = FastVisionModel.get_peft_model(model, **get_peft_model_kwargs(lora_cfg, gradient_checkpointing))
+    FastVisionModel.for_training(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("lora (unsloth): %s trainable parameters", f"{trainable:,}")
+    return model
+
+
+def prepare_for_inference(model):
+    FastVisionModel.for_inference(model)
+    return model
+
