@@ -32,18 +32,6 @@ def parse_args(argv=None):
     return args
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def peak_memory() -> dict:
     import torch
 
@@ -51,12 +39,6 @@ def peak_memory() -> dict:
         return {"peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0}
     return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})"
 
 
 def table(results: list[dict]) -> str:
@@ -71,6 +53,7 @@ def main(argv=None) -> None:
     import torch
 
     from bench import qwen25vl_7b
+    from bench.common import device_name, versions
     from runner.backends import transformers_backend
     from runner.data import prepare
     from runner.evaluate import evaluate

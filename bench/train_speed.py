@@ -96,6 +96,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from bench.common import device_name, versions
+
     args = parse_args(argv)
     if not (args.model_dir / "config.json").exists():
         from bench import qwen25vl_7b
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
         if args.out:  # written after every setting, so a cut-off run keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"benchmark": "train_speed", "date": time.strftime("%Y-%m-%d"),
+                                            "device": device_name(), "versions": versions(), "data": str(args.data),
                                             "results": rows}, indent=2))
     print(table(rows))
 

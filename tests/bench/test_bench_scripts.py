@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import eval_speed, train_speed
+
+
+def test_train_speed_arguments_and_command():
+    args = train_speed.parse_args(["--model-dir", "/m", "--data", "d.parquet", "--settings", "fast",
+                                   "--extra", "bs64=recipes/qwen25vl_latex_fast.yaml;train.batch_size=64", "--steps", "5"])
+    assert list(args.settings) == ["fast", "bs64"]
+    assert args.settings["bs64"] == ("recipes/qwen25vl_latex_fast.yaml", ["train.batch_size=64"], 12)
+    command = train_speed.command("bs64", *args.settings["bs64"][:2], args.steps, args)
+    sets = [command[i + 1] for i, part in enumerate(command) if part == "--set"]
+    assert command[1:5] == ["-m", "runner", "run", "recipes/qwen25vl_latex_fast.yaml"]
+    assert {"model.id=/m", "dataset.id=d.parquet", "eval.enabled=false", "export=[]", "train.max_steps=5",
+            "name=bs64"} <= set(sets)
+    assert sets[-1] == "train.batch_size=64"  # the setting's own overrides come last and win
+
+
+def test_train_speed_rejects_unknown_settings():
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--model-dir", "/m", "--data", "d", "--settings", "nope"])
+
+
+def test_every_named_setting_is_a_valid_recipe_run(tmp_path):
+    from runner.recipe import load_recipe
+
+    args = train_speed.parse_args(["--model-dir", "/m", "--data", "d.parquet"])
+    for name, (recipe, overrides, steps) in args.settings.items():
+        sets = [p for p in train_speed.command(name, recipe, overrides, steps, args) if "=" in p]
+        load_recipe(recipe, sets)  # raises RecipeError listing every problem
+
+
+def test_train_speed_table_formats_results_and_failures():
+    rows = [{"setting": "fast", "backend": "unsloth", "samples_per_step": 128, "samples_per_s": 32.66,
+             "real_tokens_per_s": 3967.2, "peak_allocated_gib": 25.35, "peak_reserved_gib": 26.17,
+             "time_to_first_step_s": 26.16},
+            {"setting": "broken", "exit_code": 1}]
+    lines = train_speed.table(rows).splitlines()
+    assert lines[2] == "| fast | unsloth | 128 | 32.66 | 3967 | 25.4 | 26.2 | 26.2 | 35 min |"
+    assert lines[3] == "| broken | failed (exit 1) | | | | | | | |"
+
+
+def test_eval_speed_arguments_and_table():
+    args = eval_speed.parse_args(["--model-dir", "/m", "--data", "d", "--batch-sizes", "64,256",
+                                  "--quantizations", "none"])
+    assert args.batch_sizes == [64, 256] and args.quantizations == ["none"] and args.model_dir == Path("/m")
+    table = eval_speed.table([{"quantization": "none", "batch_size": 256, "rows": 768, "samples_per_s": 53.243,
+                               "peak_allocated_gib": 20.94}])
+    assert table.splitlines()[2] == "| none | 256 | 768 | 53.2 | 143 | 20.9 |"
