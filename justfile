@@ -14,6 +14,18 @@ setup set="cpu":
 run recipe *args:
     {{python}} -m runner run {{recipe}} {{args}}
 
+# Evaluate a run directory, LoRA export or merged model on a recipe's eval rows: `just eval runs/x/2026... recipes/x.yaml`
+eval target recipe *args:
+    {{python}} -m runner eval {{target}} --recipe {{recipe}} {{args}}
+
+# Export the latest run of a recipe (or a given run directory) without retraining: `just export recipes/x.yaml gguf`
+export run format *args:
+    {{python}} -m runner export {{run}} --format {{format}} {{args}}
+
+# LaTeX for images from any export: `just predict exports/x/gguf a.png b.png`
+predict model *images:
+    {{python}} -m runner predict --model {{model}} {{images}}
+
 # Validate recipes without running them (default: every recipe under recipes/)
 validate *files:
     {{python}} -m runner validate {{ if files == "" { "$(find recipes -name '*.yaml' | sort)" } else { files } }}

@@ -29,15 +29,23 @@ def main() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @SET_OPTION
-def validate(files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+@click.option("--here", is_flag=True, help="Also check that this machine can run them (GPU, Unsloth, llama-cpp-python), "
+              "as `recipe run` does before its first step.")
+def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> None:
     """Check recipes without running them; report every problem of every file."""
+    from .run import preflight
+
     problems = []
     for file in files:
         try:
-            load_recipe(file, list(overrides))
-            click.echo(f"{file}: ok")
+            recipe = load_recipe(file, list(overrides))
         except RecipeError as error:
             problems += error.problems
+            continue
+        found = [Problem(file, path, message) for path, message in preflight(recipe)] if here else []
+        problems += found
+        if not found:
+            click.echo(f"{file}: ok")
     if problems:
         _fail(problems)
 
@@ -90,6 +98,59 @@ def eval_command(target: Path, recipe_file: str, out: Path | None, overrides: tu
     except (DataError, FileNotFoundError, ValueError) as error:
         click.echo(f"{target}: {error}", err=True)
         sys.exit(1)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "formats", multiple=True, required=True, type=click.Choice(["lora", "merged_16bit", "gguf"]),
+              help="Export format; repeatable.")
+@click.option("--quantization", "quantizations", multiple=True, type=click.Choice(["f16", "q8_0", "q4_k_m"]),
+              help="GGUF quantization; repeatable (default q4_k_m).")
+def export_command(run_dir: Path, formats: tuple[str, ...], quantizations: tuple[str, ...]) -> None:
+    """Export a finished run (its adapter and resolved recipe) without retraining.
+
+    RUN_DIR is a run directory, or a recipe file, whose latest run is exported."""
+    import yaml
+
+    from .export import export
+    from .run import setup_logging
+
+    if run_dir.is_file():
+        recipe = load_recipe(run_dir)
+        runs = sorted((Path(recipe["output_dir"]) / recipe["name"]).glob("*/adapter/adapter_config.json"))
+        if not runs:
+            raise click.ClickException(f"{run_dir}: no finished run under {recipe['output_dir']}/{recipe['name']}/")
+        run_dir = runs[-1].parent.parent
+
+    resolved = run_dir / "recipe.resolved.yaml"
+    if not (run_dir / "adapter" / "adapter_config.json").exists() or not resolved.exists():
+        raise click.ClickException(f"{run_dir}: not a finished run directory (no adapter/ or recipe.resolved.yaml)")
+    recipe = yaml.safe_load(resolved.read_text())
+    targets = [{"format": f, **({"quantizations": list(quantizations or ["q4_k_m"])} if f == "gguf" else {})}
+               for f in formats]
+    setup_logging()
+    written = export(targets, run_dir / "adapter", Path("exports") / recipe["name"], recipe["model"]["id"],
+                     recipe["dataset"]["id"], recipe["model"]["dtype"], recipe["dataset"]["instruction"])
+    for fmt, path in written.items():
+        click.echo(f"{fmt}: {path}")
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A LoRA export, a merged model directory, or a GGUF file / directory with its mmproj.")
+@click.option("--instruction", default=None, help="Defaults to the schema's (the recipes') instruction.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True)
+def predict_command(images: tuple[Path, ...], model: Path, instruction: str | None, batch_size: int,
+                    max_new_tokens: int) -> None:
+    """Print the LaTeX for each IMAGE (one line each: path, tab, LaTeX)."""
+    from .predict import predict
+    from .recipe import load_schema
+
+    instruction = instruction or load_schema()["properties"]["dataset"]["properties"]["instruction"]["default"]
+    for path, latex in zip(images, predict(list(images), model, instruction, batch_size, max_new_tokens)):
+        click.echo(f"{path}\t{latex}")
 
 
 @main.command()

@@ -79,22 +79,28 @@ processor = AutoProcessor.from_pretrained("{final}")
     return final
 
 
-UNAVAILABLE = {"gguf": "GGUF export is not available in this version yet; export merged_16bit and convert it with "
-                       "llama.cpp's convert_hf_to_gguf.py (text) and --mmproj (vision projector)"}
-
-
 def export(targets: list[dict], adapter_dir: Path, export_root: Path, base_model: str, trained_on: str,
-           dtype_name: str) -> dict[str, str]:
-    """Runs every export target; returns {format: directory}."""
+           dtype_name: str, instruction: str) -> dict[str, str]:
+    """Runs every export target; returns {format: directory}. GGUF is converted from the merged 16-bit model."""
     written = {}
-    for target in targets:
+    export_root.mkdir(parents=True, exist_ok=True)
+    # Merged first: GGUF is made from it (or from a temporary merge when merged_16bit is not a target).
+    for target in sorted(targets, key=lambda t: t["format"] != "merged_16bit"):
         final = export_root / target["format"]
         if target["format"] == "lora":
             export_lora(adapter_dir, final, base_model, trained_on)
         elif target["format"] == "merged_16bit":
             export_merged_16bit(adapter_dir, final, base_model, trained_on, dtype_name)
         else:
-            raise ValueError(f"export format {target['format']!r} is not available in this version")
+            from .gguf import export_gguf
+
+            if "merged_16bit" in written:
+                export_gguf(Path(written["merged_16bit"]), final, base_model, trained_on, target["quantizations"],
+                            instruction)
+            else:
+                with tempfile.TemporaryDirectory(dir=export_root, prefix=".merge-") as tmp:
+                    merged = export_merged_16bit(adapter_dir, Path(tmp) / "merged", base_model, trained_on, dtype_name)
+                    export_gguf(merged, final, base_model, trained_on, target["quantizations"], instruction)
         log.info("export %s: %s", target["format"], final)
         written[target["format"]] = str(final)
     return written

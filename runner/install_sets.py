@@ -16,13 +16,13 @@ from packaging.version import Version
 
 SETS: dict[str, dict] = {
     "cpu": {
-        "about": "CPU or CI machine: transformers + peft + trl backend, no GPU-only packages",
+        "about": "CPU or CI machine: transformers + peft + trl backend and GGUF export, no GPU-only packages",
         "pip": [
             ["torch==2.14.1", "torchvision==0.29.1"],
-            ["-e", ".[cpu,test]"],
+            ["-e", ".[cpu,test,gguf]"],  # gguf builds llama.cpp from source: a few minutes, once
         ],
         "expect": {"torch": "==2.14.1", "torchvision": "==0.29.1", "transformers": "==5.17.0", "trl": "==1.16.0",
-                   "peft": ">=0.18", "datasets": ">=4,<5"},
+                   "peft": ">=0.18", "datasets": ">=4,<5", "llama-cpp-python": "==0.3.36"},
     },
     "gpu": {
         "about": "CUDA machine with torch already installed: adds Unsloth, bitsandbytes and the fused kernels",

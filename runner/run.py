@@ -58,12 +58,15 @@ def make_run_dir(recipe: dict) -> Path:
 
 def preflight(recipe: dict) -> list[tuple[str, str]]:
     """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
-    from .export import UNAVAILABLE
-
     problems = backends.machine_problems(recipe["model"], recipe["train"])
     for index, target in enumerate(recipe["export"]):
-        if target["format"] in UNAVAILABLE:
-            problems.append((f"export.{index}.format", UNAVAILABLE[target["format"]]))
+        if target["format"] == "gguf":
+            from .gguf import GGUFError, llama_cpp_version
+
+            try:
+                llama_cpp_version()
+            except GGUFError as error:
+                problems.append((f"export.{index}.format", str(error)))
     model_id = Path(recipe["model"]["id"])
     if model_id.parts[:2] == ("assets", "tiny") and not model_id.exists():
         problems.append(("model.id", f"{model_id} does not exist yet; build it with `recipe tiny` (or `just setup`)"))
@@ -128,7 +131,8 @@ def run(recipe: dict) -> Path:
 
             del model  # free the training copy before the export loads the base weights again
             metrics["exports"] = export(recipe["export"], run_dir / "adapter", Path("exports") / recipe["name"],
-                                        recipe["model"]["id"], dataset["id"], recipe["model"]["dtype"])
+                                        recipe["model"]["id"], dataset["id"], recipe["model"]["dtype"],
+                                        dataset["instruction"])
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log.info("metrics: %s", run_dir / "metrics.json")

@@ -25,3 +25,31 @@ def tiny_processor(tiny_assets):
 def smoke_overrides(tiny_assets: dict[str, Path], output_dir: Path) -> list[str]:
     """`--set` overrides that point the smoke recipe at a test's own tiny assets and output directory."""
     return [f"model.id={tiny_assets['model']}", f"dataset.id={tiny_assets['train']}", f"output_dir={output_dir}"]
+
+
+@pytest.fixture(scope="session")
+def memorized(tiny_assets, tmp_path_factory) -> dict[str, Path]:
+    """recipes/memorize_tiny.yaml run once per session, with every export format: the model that read 16 formulas.
+
+    Returns the run directory and the export directories (lora, merged_16bit, gguf)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    work = tmp_path_factory.mktemp("memorized")
+    export = "export=[{format: lora}, {format: merged_16bit}, {format: gguf, quantizations: [f16, q4_k_m]}]"
+    args = ["run", str(REPO / "recipes" / "memorize_tiny.yaml")]
+    for override in [*smoke_overrides(tiny_assets, work / "runs"), export]:
+        args += ["--set", override]
+    previous = os.getcwd()
+    os.chdir(work)  # exports/ is relative to the working directory
+    try:
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list((work / "runs").glob("*/*"))
+    exports = work / "exports" / "memorize-tiny"
+    return {"run": run_dir, "work": work, **{f: exports / f for f in ("lora", "merged_16bit", "gguf")}}

@@ -76,9 +76,9 @@ def test_smoke_recipe_writes_a_complete_run_directory_and_exports(tiny_assets, t
 
 
 @pytest.mark.slow
-def test_the_model_learns_from_the_image_memorizes_16_formulas(tiny_assets, tmp_path, monkeypatch):
+def test_the_model_learns_from_the_image_memorizes_16_formulas(memorized):
     """Same instruction for every sample, so only the image can tell the 16 answers apart."""
-    run_dir = run_recipe("memorize_tiny.yaml", tiny_assets, tmp_path, monkeypatch)
+    run_dir = memorized["run"]
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     references = [p["reference"] for p in predictions]
     assert len(references) == 16 and len(set(references)) == 16
@@ -98,6 +98,17 @@ def test_run_refuses_a_recipe_this_machine_cannot_run(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "model.backend: unsloth needs a CUDA GPU" in result.output
     assert "model.quantization: 4bit (bitsandbytes) needs a CUDA GPU" in result.output
+
+
+def test_validate_here_refuses_unsloth_on_a_machine_without_a_gpu(monkeypatch):
+    from runner import backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    recipe = str(REPO / "recipes" / "smoke_tiny.yaml")
+    assert CliRunner().invoke(main, ["validate", recipe, "--set", "model.backend=unsloth"]).exit_code == 0
+    result = CliRunner().invoke(main, ["validate", "--here", recipe, "--set", "model.backend=unsloth"])
+    assert result.exit_code == 1
+    assert "model.backend: unsloth needs a CUDA GPU and this machine has none; use backend: transformers" in result.output
 
 
 def test_validate_reports_every_file_and_exits_1(tmp_path):
