@@ -56,6 +56,14 @@ def make_run_dir(recipe: dict) -> Path:
     return run_dir
 
 
+def report(out_dir: Path, rows, eval_cfg: dict, image_column: str, after, before, base_dir) -> dict:
+    """Writes report.md for an evaluation (after training, and before it when the base was evaluated)."""
+    shown = limit_rows(rows, eval_cfg["max_samples"])
+    images = dict(zip(shown["row_id"], shown[image_column]))
+    log.info("eval: report %s", write_report(out_dir, after, before, images, base_dir))
+    return {"after": after[0], **({"before": before[0]} if before else {})}
+
+
 def preflight(recipe: dict) -> list[tuple[str, str]]:
     """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
     problems = backends.machine_problems(recipe["model"], recipe["train"])
@@ -120,10 +128,7 @@ def run(recipe: dict) -> Path:
         with step("eval", timings):
             model = backend.prepare_for_inference(model)
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")
-            metrics["eval"] = {"after": after[0], **({"before": before[0]} if before else {})}
-            shown = limit_rows(eval_rows, eval_cfg["max_samples"])
-            images = dict(zip(shown["row_id"], shown[dataset["image_column"]]))
-            log.info("eval: report %s", write_report(run_dir, after, before, images, data.base_dir))
+            metrics["eval"] = report(run_dir, eval_rows, eval_cfg, dataset["image_column"], after, before, data.base_dir)
 
     if recipe["export"]:
         with step("export", timings):
@@ -169,9 +174,6 @@ def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
     elif eval_cfg["compare_base"]:
         log.info("eval: compare_base needs an adapter to compare against its base; skipped for a merged model")
     after = evaluate(model, processor, rows, *eval_args, out_dir / "predictions.jsonl", "eval")
-    metrics = {"after": after[0], **({"before": before[0]} if before else {})}
+    metrics = report(out_dir, rows, eval_cfg, dataset["image_column"], after, before, data.base_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shown = limit_rows(rows, eval_cfg["max_samples"])
-    images = dict(zip(shown["row_id"], shown[dataset["image_column"]]))
-    log.info("eval: report %s", write_report(out_dir, after, before, images, data.base_dir))
     return out_dir
