@@ -134,3 +134,16 @@ def test_new_copies_a_recipe_for_another_dataset(tmp_path, monkeypatch):
 def test_readme_recipe_reference_matches_the_schema():
     result = CliRunner().invoke(main, ["reference", "--readme", str(REPO / "README.md"), "--check"])
     assert result.exit_code == 0, result.output
+
+
+def test_run_refuses_gguf_export_without_llama_cpp_before_training(monkeypatch):
+    from runner import gguf
+    from runner.run import preflight
+    from runner.recipe import load_recipe
+
+    def missing():
+        raise gguf.GGUFError("GGUF export needs llama-cpp-python: `pip install -e '.[gguf]'`")
+
+    monkeypatch.setattr(gguf, "llama_cpp_version", missing)
+    recipe = load_recipe(REPO / "recipes" / "smoke_tiny.yaml", ["export=[{format: lora}, {format: gguf}]"])
+    assert ("export.1.format", "GGUF export needs llama-cpp-python: `pip install -e '.[gguf]'`") in preflight(recipe)
