@@ -42,6 +42,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="override every setting's step count")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the raw figures")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_runs"))
+    parser.add_argument("--eval-rows", type=int, default=0, help="also time the recipe's own eval step on this many "
+                        "training rows (its backend, quantization and batch size, the trained LoRA attached)")
+    parser.add_argument("--eval-new-tokens", type=int, default=64, help="eval.max_new_tokens for --eval-rows "
+                        "(random weights never stop early, so every row generates this many)")
+    parser.add_argument("--recipe-eval", action="store_true", help="also time `recipe eval` on each finished run")
     args = parser.parse_args(argv)
     settings = {}
     for name in filter(None, args.settings.split(",")):
@@ -60,8 +65,13 @@ def parse_args(argv=None):
 
 def command(name: str, recipe: str, overrides: list[str], steps: int, args) -> list[str]:
     common = [f"model.id={args.model_dir}", f"dataset.id={args.data}", "dataset.eval_split=null",
-              "dataset.shuffle=false", "eval.enabled=false", "export=[]", f"output_dir={args.runs_dir}",
+              "dataset.shuffle=false", "export=[]", f"output_dir={args.runs_dir}",
               f"name={name}", f"train.max_steps={steps}", "train.save_steps=null", "install=none"]
+    if args.eval_rows:
+        common += ["eval.enabled=true", "eval.split=train", f"eval.max_samples={args.eval_rows}",
+                   f"eval.max_new_tokens={args.eval_new_tokens}", "eval.compare_base=false"]
+    else:
+        common += ["eval.enabled=false"]
     cmd = [sys.executable, "-m", "runner", "run", recipe]
     for override in common + overrides:
         cmd += ["--set", override]
@@ -78,20 +88,43 @@ def run_setting(name: str, recipe: str, overrides: list[str], steps: int, args) 
         metrics = json.loads(runs[-1].read_text())
         row.update(backend=metrics["backend"], **metrics["train"]["speed"])
         row["train_loss"] = metrics["train"].get("train_loss")
+        if "eval" in metrics:
+            after = metrics["eval"]["after"]
+            row.update(eval_samples_per_s=after["samples_per_s"], eval_rows=after["rows"],
+                       eval_new_tokens=args.eval_new_tokens, eval_step_s=metrics["timings_s"].get("eval"))
+        if args.recipe_eval:
+            row.update(recipe_eval(runs[-1].parent, recipe, overrides, args))
     return row
+
+
+def recipe_eval(run_dir: Path, recipe: str, overrides: list[str], args) -> dict:
+    """`recipe eval RUN_DIR --recipe RECIPE` on the same rows: loads the base model, attaches the adapter, evaluates."""
+    sets = [f"model.id={args.model_dir}", f"dataset.id={args.data}", "dataset.eval_split=null", "dataset.shuffle=false",
+            "eval.split=train", f"eval.max_samples={args.eval_rows}", f"eval.max_new_tokens={args.eval_new_tokens}",
+            "eval.compare_base=false", "install=none", *overrides]
+    cmd = [sys.executable, "-m", "runner", "eval", str(run_dir), "--recipe", recipe, "--out", str(run_dir / "recipe-eval")]
+    started = time.perf_counter()
+    result = subprocess.run(cmd + sum((["--set", s] for s in sets), []), env=os.environ.copy())
+    figures = {"recipe_eval_exit_code": result.returncode, "recipe_eval_wall_s": round(time.perf_counter() - started, 1)}
+    metrics_file = run_dir / "recipe-eval" / "metrics.json"
+    if result.returncode == 0 and metrics_file.exists():
+        figures["recipe_eval_samples_per_s"] = json.loads(metrics_file.read_text())["after"]["samples_per_s"]
+    return figures
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| setting | backend | samples/step | samples/s | real tokens/s | peak alloc GiB | peak reserved GiB "
-             "| first step s | epoch (68,686 rows) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| first step s | epoch (68,686 rows) | eval samples/s | recipe eval samples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "samples_per_s" not in r:
-            lines.append(f"| {r['setting']} | failed (exit {r['exit_code']}) | | | | | | | |")
+            lines.append(f"| {r['setting']} | failed (exit {r['exit_code']}) | | | | | | | | | |")
             continue
         epoch_min = 68686 / r["samples_per_s"] / 60
         lines.append(f"| {r['setting']} | {r['backend']} | {r['samples_per_step']} | {r['samples_per_s']:.2f} | "
                      f"{r['real_tokens_per_s']:.0f} | {r.get('peak_allocated_gib', 0):.1f} | "
-                     f"{r.get('peak_reserved_gib', 0):.1f} | {r['time_to_first_step_s']:.1f} | {epoch_min:.0f} min |")
+                     f"{r.get('peak_reserved_gib', 0):.1f} | {r['time_to_first_step_s']:.1f} | {epoch_min:.0f} min | "
+                     f"{r.get('eval_samples_per_s', '')} | {r.get('recipe_eval_samples_per_s', '')} |")
     return "\n".join(lines)
 
 

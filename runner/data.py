@@ -123,7 +123,7 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
         dataset = dataset.cast_column(cfg["image_column"], ImageFeature(decode=False))
     tokenizer = processor.tokenizer
     prompt_tokens = len(tokenizer(prompt_text(processor, cfg["instruction"]), add_special_tokens=False)["input_ids"])
-    report, keep, lengths = SplitReport(split), [], []
+    report, keep, lengths, prompt_lengths = SplitReport(split), [], [], []
     total = len(dataset) if limit is None else min(limit, len(dataset))
     bar = tqdm(total=total, desc=f"checking {split} rows", unit="row", leave=False)
     for start in range(0, len(dataset), 256):
@@ -143,7 +143,8 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
             except Exception:
                 report.skip("image does not decode", row_id)
                 continue
-            length = prompt_tokens - 1 + _image_tokens(processor, width, height) + len(answer)
+            prompt_length = prompt_tokens - 1 + _image_tokens(processor, width, height)
+            length = prompt_length + len(answer)
             if length > max_seq_length:
                 if cfg["on_too_long"] == "error":
                     raise DataError(
@@ -155,6 +156,7 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
                 continue
             keep.append(start + offset)
             lengths.append(length)
+            prompt_lengths.append(prompt_length)
             bar.update(1)
             if limit is not None and len(keep) >= limit:
                 break
@@ -163,8 +165,11 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
     bar.close()
     report.kept = len(keep)
     rows = dataset.select(keep).select_columns(["row_id", cfg["image_column"], cfg["text_column"]])
-    # `length` (tokens, image tokens included) lets the trainer group samples of similar length
-    return (rows.add_column("length", lengths) if keep else rows), report
+    # `length` (tokens, image tokens included) lets the trainer group samples of similar length; `prompt_length`
+    # (the same without the answer) lets the eval step batch prompts of similar length without reading answers.
+    if keep:
+        rows = rows.add_column("length", lengths).add_column("prompt_length", prompt_lengths)
+    return rows, report
 
 
 def prepare(cfg: dict, processor, max_seq_length: int) -> PreparedData:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,6 +24,37 @@ def limit_rows(rows, max_samples: int | None):
     return rows if max_samples is None else rows.select(range(min(max_samples, len(rows))))
 
 
+def length_sorted_batches(rows, batch_size: int) -> list[list[int]]:
+    """Row positions in batches of similar length (longest first), so a batch pads and decodes little in vain.
+
+    Lengths are the data step's prompt token counts (image tokens included, answers never read); without them
+    rows keep their order."""
+    order = list(range(len(rows)))
+    if "prompt_length" in rows.column_names:
+        lengths = rows["prompt_length"]
+        order.sort(key=lambda position: -lengths[position])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@contextmanager
+def lora_merged(model):
+    """Folds a 16-bit model's LoRA adapters into its weights for the duration of generation.
+
+    Decoding is launch-bound: each adapted linear layer adds two small matmuls and an add to every decode step,
+    and a Qwen2.5-VL adapter touches hundreds of them (fast recipe, H200: 2x slower unmerged, docs/benchmarks.md).
+    W + BA in the model's dtype is what the merged_16bit export ships. Quantized (bitsandbytes) weights are left
+    unmerged: merging would re-quantize them and evaluate another model than the one trained."""
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized or not hasattr(model, "merge_adapter"):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
 def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: tuple[str, str], base_dir,
              out_file: Path, label: str = "eval") -> tuple[dict, list[dict]]:
     """Generates answers for the first `eval.max_samples` rows; returns (corpus metrics, per-row results)."""
@@ -31,19 +63,24 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
-    with open(out_file, "w") as predictions_file, tqdm(total=len(rows), desc=label, unit="row") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
+    partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
+    with open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar, lora_merged(model):
+        for positions in length_sorted_batches(rows, batch_size):
+            batch = rows.select(positions)
             images = [decode_image(value, base_dir) for value in batch[image_column]]
             predictions = generate(model, processor, images, instruction, eval_cfg["max_new_tokens"])
-            for row_id, reference, prediction in zip(batch["row_id"], batch[text_column], predictions):
+            for position, row_id, reference, prediction in zip(positions, batch["row_id"], batch[text_column],
+                                                                predictions):
                 result = {"row_id": row_id, "reference": reference, "prediction": prediction,
                           **row_metrics(reference, prediction)}
-                results.append(result)
-                predictions_file.write(json.dumps(result) + "\n")
+                results.append((position, result))
+                partial_file.write(json.dumps(result) + "\n")
             bar.update(len(predictions))
             bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
+    results = [result for _, result in sorted(results, key=lambda item: item[0])]
+    out_file.write_text("".join(json.dumps(result) + "\n" for result in results))
+    partial.unlink()
     metrics = corpus_metrics([r["reference"] for r in results], [r["prediction"] for r in results],
                              [{k: v for k, v in r.items() if k not in ("row_id", "reference", "prediction")}
                               for r in results])

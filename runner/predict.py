@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from . import vision_attention
 from .prompt import decode_image, generate
 
 
@@ -118,6 +119,7 @@ def load_hf(model: Path, dtype: str = "auto"):
         loaded = PeftModel.from_pretrained(base, str(model))
     else:
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
+    vision_attention.use_packed_vision_attention(loaded)
     if torch.cuda.is_available():
         loaded = loaded.to("cuda")
     return loaded.eval(), AutoProcessor.from_pretrained(model)

@@ -21,15 +21,34 @@ class VisionCollator:
         self.processor, self.instruction = processor, instruction
         self.image_column, self.text_column, self.base_dir = image_column, text_column, base_dir
 
-        self.samples, self.real_tokens, self.padded_tokens = 0, 0, 0
-
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column], self.base_dir) for row in rows]
-        batch = training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
-        self.samples += len(rows)
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += batch["attention_mask"].numel()
-        return batch
+        return training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
+
+
+class TokenCounter:
+    """Real and padded tokens of the batches the model trained on. Counted in the training process, from the
+    batches themselves: with `train.dataloader_workers` > 0 the collator runs in worker processes."""
+
+    def __init__(self):
+        self.samples, self.real_tokens, self.padded_tokens = 0, 0, 0
+
+    def count(self, batch: dict) -> None:
+        mask = batch["attention_mask"]
+        self.samples += mask.shape[0]
+        self.real_tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
+
+
+def counting(trainer_class, counter: TokenCounter):
+    """`trainer_class` with each training batch counted by `counter` (trl's SFTTrainer, or Unsloth's patch of it)."""
+
+    class CountingTrainer(trainer_class):
+        def training_step(self, model, inputs, *args, **kwargs):
+            counter.count(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return CountingTrainer
 
 
 class LogToFile(TrainerCallback):
@@ -44,8 +63,8 @@ class LogToFile(TrainerCallback):
 class SpeedMeter(TrainerCallback):
     """Time to first step, then steady-state throughput over the steps after `warmup_steps`, and peak memory."""
 
-    def __init__(self, collator: VisionCollator, samples_per_step: int, warmup_steps: int = 2):
-        self.collator, self.samples_per_step, self.warmup_steps = collator, samples_per_step, warmup_steps
+    def __init__(self, counter: TokenCounter, samples_per_step: int, warmup_steps: int = 2):
+        self.counter, self.samples_per_step, self.warmup_steps = counter, samples_per_step, warmup_steps
         self.started = self.first_step_s = self.steady_start = None
         self.steady_steps = 0
 
@@ -65,7 +84,7 @@ class SpeedMeter(TrainerCallback):
             self.steady_s = now - self.steady_start
 
     def figures(self) -> dict:
-        c = self.collator
+        c = self.counter
         figures = {"time_to_first_step_s": self.first_step_s, "samples_per_step": self.samples_per_step,
                    "real_tokens_per_sample": c.real_tokens / max(c.samples, 1),
                    "padding_fraction": 1 - c.real_tokens / max(c.padded_tokens, 1)}
@@ -146,8 +165,9 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
 
     args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing)
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
-    speed = SpeedMeter(collator, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"])
-    trainer = SFTTrainer(
+    counter = TokenCounter()
+    speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"])
+    trainer = counting(SFTTrainer, counter)(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
         callbacks=[LogToFile(), tensorboard, speed],
     )

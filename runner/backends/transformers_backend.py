@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from .. import vision_attention
+
 log = logging.getLogger("runner")
 # The trainer turns on gradient checkpointing from `train.gradient_checkpointing` (Unsloth does its own instead).
 TRAINER_CHECKPOINTING = True
@@ -61,6 +63,7 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True):
         quantization_config=quantization_config(model_cfg, dtype),
         device_map={"": 0} if torch.cuda.is_available() else None,
     )
+    vision_attention.apply(model, model_cfg["vision_attention"])
     if model_cfg["quantization"] != "none":
         from peft import prepare_model_for_kbit_training
 

@@ -9,10 +9,12 @@ image tokens, so it would also train on the prompt.
 from __future__ import annotations
 
 import logging
+import os
 
 import unsloth  # noqa: F401  (must precede transformers, peft and trl)
 from unsloth import FastVisionModel
 
+from .. import vision_attention
 from .transformers_backend import configure_processor
 from .unsloth_args import from_pretrained_kwargs, get_peft_model_kwargs
 
@@ -23,8 +25,14 @@ TRAINER_CHECKPOINTING = False
 
 def load(model_cfg: dict, gradient_checkpointing: bool = True):
     """Returns (model, processor) for the `model` section."""
+    # Unsloth's own generate forces a static KV cache and compiles the decode step for each new batch shape;
+    # eval batches of formula crops all differ in prompt length, so it recompiles batch after batch
+    # (docs/benchmarks.md: eval). transformers' generate with a dynamic cache is used instead; set the variable
+    # to 0 to get Unsloth's back.
+    os.environ.setdefault("UNSLOTH_DISABLE_FAST_GENERATION", "1")
     model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, gradient_checkpointing))
     configure_processor(processor, model_cfg)
+    vision_attention.apply(model, model_cfg["vision_attention"])
     log.info("model %s through Unsloth: %s, quantization %s", model_cfg["id"], type(model).__name__,
              model_cfg["quantization"])
     return model, processor

@@ -40,8 +40,23 @@ def test_train_speed_table_formats_results_and_failures():
              "time_to_first_step_s": 26.16},
             {"setting": "broken", "exit_code": 1}]
     lines = train_speed.table(rows).splitlines()
-    assert lines[2] == "| fast | unsloth | 128 | 32.66 | 3967 | 25.4 | 26.2 | 26.2 | 35 min |"
-    assert lines[3] == "| broken | failed (exit 1) | | | | | | | |"
+    assert lines[2] == "| fast | unsloth | 128 | 32.66 | 3967 | 25.4 | 26.2 | 26.2 | 35 min |  |  |"
+    assert lines[3] == "| broken | failed (exit 1) | | | | | | | | | |"
+
+
+def test_train_speed_times_the_recipes_own_eval_step_when_asked():
+    args = train_speed.parse_args(["--model-dir", "/m", "--data", "d.parquet", "--settings", "fast",
+                                   "--eval-rows", "512", "--eval-new-tokens", "128"])
+    sets = [p for p in train_speed.command("fast", *args.settings["fast"][:2], 3, args) if "=" in p]
+    assert {"eval.enabled=true", "eval.split=train", "eval.max_samples=512", "eval.max_new_tokens=128"} <= set(sets)
+    assert not any(s.startswith("eval.batch_size") for s in sets)  # the recipe's own eval batch is what is timed
+
+
+def test_step_profile_arguments():
+    from bench import step_profile
+
+    args = step_profile.parse_args(["--model-dir", "/m", "--data", "d", "--set", "train.batch_size=64"])
+    assert args.vision_attention == "varlen,per_window" and args.overrides == ["train.batch_size=64"]
 
 
 def test_eval_speed_arguments_and_table():
