@@ -3,11 +3,11 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 python := ".venv/bin/python"
 
-# Create .venv, apply an install set (cpu | gpu | colab-a100) and build the tiny embedded model and data
-setup set="cpu":
+# Create .venv, apply an install set (cpu | gpu | colab-a100) and add-ons (gguf), build the tiny model and data
+setup set="cpu" *addons:
     test -x {{python}} || python3 -m venv {{ if set == "cpu" { "" } else { "--system-site-packages" } }} .venv
     {{python}} -m pip install -q --disable-pip-version-check click pyyaml jsonschema packaging
-    {{python}} -m runner install {{set}}
+    {{python}} -m runner install {{set}} {{addons}}
     {{python}} -m runner tiny
 
 # Run a recipe end to end, e.g. `just run recipes/smoke_tiny.yaml --set train.max_steps=5`

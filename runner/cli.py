@@ -154,18 +154,20 @@ def predict_command(images: tuple[Path, ...], model: Path, instruction: str | No
 
 
 @main.command()
-@click.argument("name", type=click.Choice(["cpu", "gpu", "colab-a100"]))
+@click.argument("names", nargs=-1, required=True, type=click.Choice(["cpu", "gpu", "colab-a100", "gguf"]))
 @click.option("--dry-run", is_flag=True, help="Print the pip commands without running them.")
-def install(name: str, dry_run: bool) -> None:
-    """Install a named install set into this Python environment."""
+def install(names: tuple[str, ...], dry_run: bool) -> None:
+    """Install named install sets into this Python environment: a set (cpu, gpu, colab-a100) and add-ons (gguf)."""
     from . import install_sets
 
-    click.echo(f"install set {name}: {install_sets.SETS[name]['about']}")
-    if dry_run:
-        for command in install_sets.commands(name):
-            click.echo(" ".join(command))
-        return
-    install_sets.install(name)
+    for name in names:
+        about = {**install_sets.SETS, **install_sets.ADDONS}[name]["about"]
+        click.echo(f"install set {name}: {about}")
+        if dry_run:
+            for command in install_sets.commands(name):
+                click.echo(" ".join(command))
+        else:
+            install_sets.install(name)
 
 
 @main.command()

@@ -32,8 +32,8 @@ def llama_cpp_version() -> str:
     try:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
-        raise GGUFError("GGUF export needs llama-cpp-python: `pip install -e '.[gguf]'` (builds llama.cpp, "
-                        "about 7 minutes on 2 cores)") from None
+        raise GGUFError("GGUF needs llama-cpp-python, which is not installed: run `just setup cpu gguf` (or "
+                        "`pip install -e '.[gguf]'`; it compiles llama.cpp, 3-9 minutes on 2 cores)") from None
 
 
 def cache_dir() -> Path:

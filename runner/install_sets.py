@@ -19,10 +19,10 @@ SETS: dict[str, dict] = {
         "about": "CPU or CI machine: transformers + peft + trl backend and GGUF export, no GPU-only packages",
         "pip": [
             ["torch==2.14.1", "torchvision==0.29.1"],
-            ["-e", ".[cpu,test,gguf]"],  # gguf builds llama.cpp from source: a few minutes, once
+            ["-e", ".[cpu,test]"],
         ],
         "expect": {"torch": "==2.14.1", "torchvision": "==0.29.1", "transformers": "==5.17.0", "trl": "==1.16.0",
-                   "peft": ">=0.18", "datasets": ">=4,<5", "llama-cpp-python": "==0.3.36"},
+                   "peft": ">=0.18", "datasets": ">=4,<5"},
     },
     "gpu": {
         "about": "CUDA machine with torch already installed: adds Unsloth, bitsandbytes and the fused kernels",
@@ -46,10 +46,16 @@ SETS: dict[str, dict] = {
     },
     "none": {"about": "no install set: nothing is installed or checked", "pip": [], "expect": {}},
 }
+# Add-ons go beside a set (`recipe install cpu gguf`). llama-cpp-python is an sdist that compiles llama.cpp (3 to 9
+# minutes on 2 cores), so only users who export or read GGUF pay for it, and the first run stays short.
+ADDONS: dict[str, dict] = {
+    "gguf": {"about": "llama-cpp-python for GGUF export and prediction (compiles llama.cpp: 3-9 minutes on 2 cores)",
+             "pip": [["-e", ".[gguf]"]], "expect": {"llama-cpp-python": "==0.3.36"}},
+}
 
 
 def commands(name: str) -> list[list[str]]:
-    return [[sys.executable, "-m", "pip", "install", *args] for args in SETS[name]["pip"]]
+    return [[sys.executable, "-m", "pip", "install", *args] for args in {**SETS, **ADDONS}[name]["pip"]]
 
 
 def install(name: str) -> None:

@@ -70,6 +70,9 @@ def chat_handler(mmproj: Path, min_pixels: int, max_pixels: int):
 
 
 def load_gguf(model: Path, n_ctx: int = 2048):
+    from .gguf import llama_cpp_version
+
+    llama_cpp_version()  # a clear GGUFError naming the install command when llama-cpp-python is missing
     from llama_cpp import Llama
 
     text, mmproj = _gguf_files(model)

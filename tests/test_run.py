@@ -146,8 +146,9 @@ def test_run_refuses_gguf_export_without_llama_cpp_before_training(monkeypatch):
     from runner.recipe import load_recipe
 
     def missing():
-        raise gguf.GGUFError("GGUF export needs llama-cpp-python: `pip install -e '.[gguf]'`")
+        raise gguf.GGUFError("GGUF needs llama-cpp-python, which is not installed: run `just setup cpu gguf`")
 
     monkeypatch.setattr(gguf, "llama_cpp_version", missing)
     recipe = load_recipe(REPO / "recipes" / "smoke_tiny.yaml", ["export=[{format: lora}, {format: gguf}]"])
-    assert ("export.1.format", "GGUF export needs llama-cpp-python: `pip install -e '.[gguf]'`") in preflight(recipe)
+    assert ("export.1.format", "GGUF needs llama-cpp-python, which is not installed: run `just setup cpu gguf`") \
+        in preflight(recipe)
