@@ -45,3 +45,7 @@ new name dataset="":
 # Regenerate the README's recipe reference from schemas/
 reference:
     {{python}} -m runner reference
+
+# List runs with how they ended (running, done, failed, interrupted, killed), their step and key metrics
+runs output_dir="runs":
+    {{python}} -m runner runs --output-dir {{output_dir}}

@@ -53,9 +53,12 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> 
 @main.command()
 @click.argument("file", type=click.Path())
 @SET_OPTION
-def run(file: str, overrides: tuple[str, ...]) -> None:
+@click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
+              help="Continue an unfinished run from its newest checkpoint: the newest unfinished run of FILE's recipe, "
+                   "or the run directory given.")
+def run(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
-    from .data import DataError
+    from .errors import RunError, RunInterrupted
     from .run import preflight
     from .run import run as run_recipe
 
@@ -63,15 +66,54 @@ def run(file: str, overrides: tuple[str, ...]) -> None:
         recipe = load_recipe(file, list(overrides))
     except RecipeError as error:
         _fail(error.problems)
+    resume_dir = None
+    if resume is not None:
+        resume_dir, recipe = _resumable(file, recipe, resume, list(overrides))
     problems = [Problem(file, path, message) for path, message in preflight(recipe)]
     if problems:
         _fail(problems)
     try:
-        run_dir = run_recipe(recipe)
-    except DataError as error:
-        click.echo(f"{file}: dataset: {error}", err=True)
+        run_dir = run_recipe(recipe, resume_dir)
+    except RunInterrupted as stopped:
+        click.echo(f"{file}: {stopped}; continue with `just run {file} --resume`", err=True)
+        sys.exit(130)
+    except RunError as error:
+        click.echo(f"{file}: {error}", err=True)
         sys.exit(1)
     click.echo(f"done: {run_dir}")
+
+
+def _resumable(file: str, recipe: dict, resume: str, overrides: list[str]) -> tuple[Path, dict]:
+    """The run directory to resume and the recipe it ran with (its saved resolved recipe, plus any --set)."""
+    from .checkpoints import resumable_run
+    from .status import effective_state, read_status
+
+    if resume == "latest":
+        run_dir = resumable_run(recipe["output_dir"], recipe["name"])
+        if run_dir is None:
+            raise click.ClickException(f"{file}: no unfinished run with a checkpoint under "
+                                       f"{recipe['output_dir']}/{recipe['name']}/ to resume")
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / "recipe.resolved.yaml").is_file():
+            raise click.ClickException(f"{run_dir}: not a run directory (no recipe.resolved.yaml)")
+        if effective_state(read_status(run_dir)) == "done":
+            raise click.ClickException(f"{run_dir}: this run finished; there is nothing to resume")
+    try:
+        return run_dir, load_recipe(run_dir / "recipe.resolved.yaml", overrides)
+    except RecipeError as error:
+        _fail(error.problems)
+
+
+@main.command()
+@click.option("--output-dir", default="runs", show_default=True, type=click.Path(path_type=Path),
+              help="Where the recipes' run directories are (their `output_dir`).")
+def runs(output_dir: Path) -> None:
+    """List runs with how they ended (running, done, failed, interrupted, killed), step and key metrics."""
+    from .status import format_table, summary_rows
+
+    rows = summary_rows(output_dir)
+    click.echo(format_table(rows) if rows else f"no runs under {output_dir}/")
 
 
 @main.command("eval")
@@ -83,7 +125,7 @@ def run(file: str, overrides: tuple[str, ...]) -> None:
 @SET_OPTION
 def eval_command(target: Path, recipe_file: str, out: Path | None, overrides: tuple[str, ...]) -> None:
     """Evaluate TARGET (a run directory, a LoRA export or a merged model) on the recipe's evaluation rows."""
-    from .data import DataError
+    from .errors import RunError
     from .run import preflight, run_eval
 
     try:
@@ -95,7 +137,7 @@ def eval_command(target: Path, recipe_file: str, out: Path | None, overrides: tu
         _fail(problems)
     try:
         click.echo(f"done: {run_eval(recipe, target, out)}")
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (RunError, FileNotFoundError, ValueError) as error:
         click.echo(f"{target}: {error}", err=True)
         sys.exit(1)
 

@@ -11,16 +11,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .prompt import END_OF_TURN, decode_image, prompt_text
+from .errors import RunError
+from .prompt import END_OF_TURN, decode_image, prompt_text, text_of
 
 log = logging.getLogger("runner")
 SHOWN_BAD_ROWS = 5
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
-class DataError(Exception):
+class DataError(RunError):
     """A problem with the data a person has to fix (wrong column, missing file, oversize row)."""
 
 
@@ -68,6 +70,17 @@ def _local_format(path: Path, fmt: str) -> str:
 
 
 def _load_split(cfg: dict, split: str):
+    try:
+        return _read_split(cfg, split)
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many kinds: not found, no network, bad file, unknown builder
+        from .errors import dataset_not_found
+
+        raise DataError(str(dataset_not_found(cfg["id"], error))) from error
+
+
+def _read_split(cfg: dict, split: str):
     from datasets import load_dataset
 
     source = Path(cfg["id"]).expanduser()
@@ -128,18 +141,23 @@ def check_rows(dataset, cfg: dict, processor, max_seq_length: int, split: str, l
     bar = tqdm(total=total, desc=f"checking {split} rows", unit="row", leave=False)
     for start in range(0, len(dataset), 256):
         chunk = dataset[start : start + 256]
-        texts = chunk[cfg["text_column"]]
-        answer_ids = tokenizer(
-            [(t if isinstance(t, str) else "") + END_OF_TURN for t in texts], add_special_tokens=False
-        )["input_ids"]
-        columns = zip(chunk["row_id"], chunk[cfg["image_column"]], texts, answer_ids)
-        for offset, (row_id, image_value, text, answer) in enumerate(columns):
+        raw_texts = chunk[cfg["text_column"]]
+        texts = [text_of(value) for value in raw_texts]
+        answer_ids = tokenizer([(t or "") + END_OF_TURN for t in texts], add_special_tokens=False)["input_ids"]
+        columns = zip(chunk["row_id"], chunk[cfg["image_column"]], raw_texts, texts, answer_ids)
+        for offset, (row_id, image_value, raw, text, answer) in enumerate(columns):
             report.rows += 1
-            if not isinstance(text, str) or not text.strip():
+            if raw is None or (text is not None and not text.strip()):
                 report.skip("empty or missing text", row_id)
+                continue
+            if text is None:
+                report.skip("text is not a string or UTF-8 bytes", row_id)
                 continue
             try:
                 width, height = decode_image(image_value, base_dir).size
+            except Image.DecompressionBombError:
+                report.skip(f"image over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb guard)", row_id)
+                continue
             except Exception:
                 report.skip("image does not decode", row_id)
                 continue

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .metrics import corpus_metrics, row_metrics
-from .prompt import decode_image, generate
+from .prompt import decode_image, generate, text_of
 
 log = logging.getLogger("runner")
 
@@ -69,8 +69,8 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
             batch = rows.select(positions)
             images = [decode_image(value, base_dir) for value in batch[image_column]]
             predictions = generate(model, processor, images, instruction, eval_cfg["max_new_tokens"])
-            for position, row_id, reference, prediction in zip(positions, batch["row_id"], batch[text_column],
-                                                                predictions):
+            references = [text_of(value) for value in batch[text_column]]
+            for position, row_id, reference, prediction in zip(positions, batch["row_id"], references, predictions):
                 result = {"row_id": row_id, "reference": reference, "prediction": prediction,
                           **row_metrics(reference, prediction)}
                 results.append((position, result))

@@ -50,6 +50,18 @@ def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
     return image
 
 
+def text_of(value: Any) -> str | None:
+    """The LaTeX target as text: a string, or UTF-8 bytes (a binary parquet column); None if it is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
 def encode_prompts(processor, images: list[Image.Image], instruction: str) -> dict[str, list]:
     """Per-sample prompt token ids (image placeholders expanded) and the pixel inputs, unpadded."""
     text = prompt_text(processor, instruction)

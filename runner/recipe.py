@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +80,41 @@ def _positions(node: yaml.Node, path: tuple = (), out: dict | None = None) -> di
     return out
 
 
+def _duplicate_keys(node: yaml.Node, filename: str, path: tuple = ()) -> list[Problem]:
+    """PyYAML keeps the last of two equal keys without a word; a recipe with both is a mistake to report."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                where = f"{filename}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
+                problems.append(Problem(where, ".".join(map(str, path + (key,))),
+                                        f"duplicate key (first at line {seen[key]}); keep one"))
+            seen.setdefault(key, key_node.start_mark.line + 1)
+            problems += _duplicate_keys(value_node, filename, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, filename, path + (index,))
+    return problems
+
+
 def parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, tuple[int, int]]]:
     try:
         node = yaml.compose(text, Loader=RecipeLoader)
+        duplicates = _duplicate_keys(node, filename) if node is not None else []
+        if duplicates:
+            raise RecipeError(duplicates)
         data = yaml.load(text, Loader=RecipeLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        raise RecipeError([Problem(where, "", f"YAML syntax error: {error.problem or error}")]) from None
+        problem = f"YAML syntax error: {error.problem or error}"
+        if isinstance(error, yaml.constructor.ConstructorError):
+            problem = f"YAML tag not allowed: {error.problem}; recipes hold plain YAML values only"
+        raise RecipeError([Problem(where, "", problem)]) from None
+    except yaml.YAMLError as error:  # errors without a position (e.g. a bad stream)
+        raise RecipeError([Problem(filename, "", f"YAML error: {error}")]) from None
     return (data if data is not None else {}), (_positions(node) if node is not None else {(): (1, 1)})
 
 
@@ -197,6 +225,18 @@ def _fill_defaults(schema: dict, value: Any) -> Any:
     return value
 
 
+def _non_finite(value: Any, path: tuple = ()):
+    """`.nan` and `.inf` (or 1e999) pass JSON Schema's number checks; no recipe value may be either."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, f"must be a finite number, got {value}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, path + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, path + (index,))
+
+
 def _cross_checks(recipe: dict) -> list[tuple[tuple, str]]:
     """Rules that span keys, which JSON Schema would only state as unreadable combinators."""
     def section(name):
@@ -232,7 +272,7 @@ def validate(recipe: Any, positions: dict, filename: str, origins: dict | None =
                 return f"{filename}:{line}:{col}"
         return filename
 
-    found: list[tuple[tuple, str]] = []
+    found: list[tuple[tuple, str]] = list(_non_finite(recipe))
     for error in Draft202012Validator(schema).iter_errors(recipe):
         found.extend(_messages(error, schema))
     found.extend(_cross_checks(recipe))
@@ -252,13 +292,33 @@ def _sort_key(where: str):
     return (1, 0, 0, where)
 
 
+def read_text(path: Path) -> str:
+    """The recipe file's text, or a RecipeError that says what is wrong with the path or its bytes."""
+    filename = str(path)
+    if path.is_dir():
+        raise RecipeError([Problem(filename, "", "is a directory; give recipe files, e.g. recipes/*.yaml")])
+    if not path.exists():
+        raise RecipeError([Problem(filename, "", "no such recipe file")])
+    if not path.is_file():
+        raise RecipeError([Problem(filename, "", "not a regular file (a device, pipe or socket); give a .yaml file")])
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise RecipeError([Problem(f"{filename}:{line}:{column}", "", f"not valid UTF-8 (byte 0x{data[error.start]:02x}); "
+                                   "save the recipe as UTF-8")]) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Reads, overrides, validates and resolves a recipe file; raises RecipeError listing every problem."""
     path = Path(path)
     filename = str(path)
-    if not path.is_file():
-        raise RecipeError([Problem(filename, "", "no such recipe file")])
-    data, positions = parse_yaml(path.read_text(), filename)
+    data, positions = parse_yaml(read_text(path), filename)
+    if data == {} and len(positions) == 1:
+        raise RecipeError([Problem(filename, "", "the recipe is empty; start from a file in recipes/ "
+                                                 "(or `recipe new NAME`)")])
     if not isinstance(data, dict):
         raise RecipeError([Problem(f"{filename}:1:1", "", f"a recipe is a mapping of sections, got {_type_name(data)}")])
     data, problems, origins = apply_overrides(data, overrides or [])

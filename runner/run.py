@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from . import backends, install_sets
+from .checkpoints import newest_usable
+from .errors import RunError, RunInterrupted, explain, model_not_found
 from .evaluate import evaluate, limit_rows
 from .recipe import dump
 from .report import write_report
+from .status import write_status
 
 log = logging.getLogger("runner")
 
@@ -81,12 +86,41 @@ def preflight(recipe: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def run(recipe: dict) -> Path:
-    """Runs a validated, resolved recipe; returns the run directory."""
-    run_dir = make_run_dir(recipe)
+def run(recipe: dict, resume_dir: Path | None = None) -> Path:
+    """Runs a validated, resolved recipe, or resumes the run in `resume_dir`; returns the run directory.
+
+    status.json says how it ended. A failure is logged with its traceback in run.log and raised as a RunError
+    whose message is one line; Ctrl-C or SIGTERM during training saves a checkpoint and raises RunInterrupted."""
+    run_dir = resume_dir or make_run_dir(recipe)
     setup_logging(run_dir / "run.log")
     (run_dir / "recipe.resolved.yaml").write_text(dump(recipe))
     log.info("run directory: %s\nresolved recipe:\n%s", run_dir, dump(recipe))
+    checkpoint = None
+    if resume_dir is not None:
+        checkpoint = newest_usable(run_dir)
+        log.info("resuming %s from %s", run_dir, checkpoint or "the start (no usable checkpoint was saved)")
+    write_status(run_dir, state="running", pid=os.getpid(), error=None, resumed_from=str(checkpoint or "") or None)
+    try:
+        run_steps(recipe, run_dir, checkpoint)
+    except RunInterrupted as stopped:
+        write_status(run_dir, state="interrupted", error=str(stopped))
+        raise
+    except KeyboardInterrupt:
+        message = "interrupted (Ctrl-C outside training, or a second Ctrl-C): no checkpoint was written for it"
+        write_status(run_dir, state="interrupted", error=message)
+        raise RunInterrupted(message) from None
+    except Exception as error:
+        message = explain(error, recipe)
+        with open(run_dir / "run.log", "a") as log_file:
+            traceback.print_exc(file=log_file)
+        write_status(run_dir, state="failed", error=message)
+        raise RunError(message) from error
+    write_status(run_dir, state="done")
+    return run_dir
+
+
+def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
+    """The steps of a run, in order; training continues from `checkpoint` when resuming."""
     for warning in install_sets.mismatches(recipe["install"]):
         log.warning("install set %s: %s", recipe["install"], warning)
 
@@ -98,7 +132,10 @@ def run(recipe: dict) -> Path:
 
     checkpointing = recipe["train"]["gradient_checkpointing"]  # Unsloth sets it up when loading
     with step("model", timings):
-        model, processor = backend.load(recipe["model"], checkpointing)
+        try:
+            model, processor = backend.load(recipe["model"], checkpointing)
+        except (OSError, ValueError) as error:  # not found, no network, gated, not a Qwen2.5-VL directory
+            raise model_not_found(recipe["model"]["id"], error) from error
     with step("data", timings):
         from .data import prepare
 
@@ -123,7 +160,10 @@ def run(recipe: dict) -> Path:
         collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
                                   dataset["text_column"], data.base_dir)
         metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
-                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING)
+                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING, checkpoint)
+    if "interrupted" in metrics["train"]:
+        raise RunInterrupted(f"{metrics['train']['interrupted']}: stopped after step {metrics['train']['step']} with "
+                             "a checkpoint saved")
     if evaluating:
         with step("eval", timings):
             model = backend.prepare_for_inference(model)
@@ -141,7 +181,6 @@ def run(recipe: dict) -> Path:
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log.info("metrics: %s", run_dir / "metrics.json")
-    return run_dir
 
 
 def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
@@ -155,7 +194,10 @@ def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
     model_cfg = {**recipe["model"], **({} if adapter else {"id": str(target)})}
     backend_name, why = backends.select(model_cfg["backend"])
     log.info("evaluating %s (base %s, backend %s: %s)", adapter or target, model_cfg["id"], backend_name, why)
-    model, processor = backends.load_backend(backend_name).load(model_cfg)
+    try:
+        model, processor = backends.load_backend(backend_name).load(model_cfg)
+    except (OSError, ValueError) as error:
+        raise model_not_found(model_cfg["id"], error) from error
     from .data import prepare
 
     dataset, eval_cfg = recipe["dataset"], recipe["eval"]

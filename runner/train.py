@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .prompt import decode_image, training_batch
+from .checkpoints import RecordStatus, SaveEveryMinutes, StopOnSignal
+from .errors import NonFiniteLoss
+from .prompt import decode_image, text_of, training_batch
 
 log = logging.getLogger("runner")
 
@@ -23,7 +25,8 @@ class VisionCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column], self.base_dir) for row in rows]
-        return training_batch(self.processor, images, [row[self.text_column] for row in rows], self.instruction)
+        answers = [text_of(row[self.text_column]) for row in rows]
+        return training_batch(self.processor, images, answers, self.instruction)
 
 
 class TokenCounter:
@@ -40,15 +43,19 @@ class TokenCounter:
         self.padded_tokens += mask.numel()
 
 
-def counting(trainer_class, counter: TokenCounter):
-    """`trainer_class` with each training batch counted by `counter` (trl's SFTTrainer, or Unsloth's patch of it)."""
+def checked(trainer_class, counter: TokenCounter):
+    """`trainer_class` (trl's SFTTrainer, or Unsloth's patch of it) that counts each training batch's tokens and
+    stops on a NaN or infinite loss before the optimizer applies that step, so no checkpoint ever holds it."""
 
-    class CountingTrainer(trainer_class):
+    class CheckedTrainer(trainer_class):
         def training_step(self, model, inputs, *args, **kwargs):
             counter.count(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+            return loss
 
-    return CountingTrainer
+    return CheckedTrainer
 
 
 class LogToFile(TrainerCallback):
@@ -61,26 +68,27 @@ class LogToFile(TrainerCallback):
 
 
 class SpeedMeter(TrainerCallback):
-    """Time to first step, then steady-state throughput over the steps after `warmup_steps`, and peak memory."""
+    """Time to first step, then steady-state throughput over the steps after `warmup_steps`, and peak memory.
+    Steps count from where this process started training (a resumed run starts at its checkpoint's step)."""
 
     def __init__(self, counter: TokenCounter, samples_per_step: int, warmup_steps: int = 2):
         self.counter, self.samples_per_step, self.warmup_steps = counter, samples_per_step, warmup_steps
         self.started = self.first_step_s = self.steady_start = None
-        self.steady_steps = 0
+        self.steady_steps, self.start_step = 0, 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        self.started, self.start_step = time.perf_counter(), state.global_step
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if state.global_step == 1:
+        now, done = time.perf_counter(), state.global_step - self.start_step
+        if done == 1:
             self.first_step_s = now - self.started
-        if state.global_step == self.warmup_steps:
+        if done == self.warmup_steps:
             self.steady_start = now
-        elif state.global_step > self.warmup_steps:
-            self.steady_steps = state.global_step - self.warmup_steps
+        elif done > self.warmup_steps:
+            self.steady_steps = done - self.warmup_steps
             self.steady_s = now - self.steady_start
 
     def figures(self) -> dict:
@@ -157,8 +165,9 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
 
 
 def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
-          trainer_checkpointing: bool = True):
-    """Runs the train step; returns the trainer's final metrics. The final adapter goes to `output_dir/adapter`."""
+          trainer_checkpointing: bool = True, resume_from: Path | None = None):
+    """Runs the train step (from `resume_from`, a checkpoint, if given); returns the trainer's final metrics, with
+    `interrupted` naming the signal that stopped it early. The final adapter goes to `output_dir/adapter`."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
@@ -167,18 +176,25 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
     counter = TokenCounter()
     speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"])
-    trainer = counting(SFTTrainer, counter)(
+    stop = StopOnSignal()
+    trainer = checked(SFTTrainer, counter)(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
-        callbacks=[LogToFile(), tensorboard, speed],
+        callbacks=[LogToFile(), tensorboard, speed, RecordStatus(output_dir),
+                   SaveEveryMinutes(train_cfg["save_every_minutes"]), stop],
     )
-    result = trainer.train()
+    if resume_from is not None:
+        log.info("train: resuming from %s (optimizer, schedule, RNG and data position restored)", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if stop.interrupted:
+        return {"interrupted": stop.interrupted, "step": trainer.state.global_step}
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
     log.info("train: adapter saved to %s", adapter_dir)
     metrics = {**result.metrics, "speed": speed.figures()}
     log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items() if v is not None))
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
     if history:
         metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]
+        metrics["losses"] = {entry["step"]: entry["loss"] for entry in history}
     return metrics

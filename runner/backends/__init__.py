@@ -4,6 +4,7 @@ training itself is trl's SFTTrainer for every backend (runner/train.py)."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 
 def cuda_available() -> bool:
@@ -40,6 +41,11 @@ def machine_problems(model_cfg: dict, train_cfg: dict) -> list[tuple[str, str]]:
     if model_cfg["quantization"] != "none" and not gpu:
         problems.append(("model.quantization", f"{model_cfg['quantization']} (bitsandbytes) needs a CUDA GPU; "
                          "use quantization: none on this machine"))
+    local = Path(model_cfg["id"]).expanduser()
+    if model_cfg["safetensors_only"] and local.is_dir() and (local / "config.json").exists() \
+            and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+        problems.append(("model.safetensors_only", f"{local} holds only pickled .bin weights, which can run code "
+                         "when loaded; convert them to safetensors, or set safetensors_only: false if you trust them"))
     if train_cfg["precision"] in ("bf16", "fp16") and not gpu:
         problems.append(("train.precision", f"{train_cfg['precision']} mixed precision needs a GPU here; use fp32 or auto"))
     return problems

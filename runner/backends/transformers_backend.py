@@ -38,6 +38,12 @@ def configure_processor(processor, model_cfg: dict) -> None:
     processor.image_processor.size = size
 
 
+def warn_remote_code(model_cfg: dict) -> None:
+    if model_cfg["trust_remote_code"]:
+        log.warning("model.trust_remote_code is on: loading %s may run Python code that ships with it",
+                    model_cfg["id"])
+
+
 def quantization_config(model_cfg: dict, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -56,12 +62,15 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtype = resolve_dtype(model_cfg["dtype"])
-    processor = AutoProcessor.from_pretrained(model_cfg["id"])
+    warn_remote_code(model_cfg)
+    processor = AutoProcessor.from_pretrained(model_cfg["id"], trust_remote_code=model_cfg["trust_remote_code"])
     configure_processor(processor, model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         model_cfg["id"], dtype=dtype, attn_implementation=model_cfg["attn_implementation"],
         quantization_config=quantization_config(model_cfg, dtype),
         device_map={"": 0} if torch.cuda.is_available() else None,
+        trust_remote_code=model_cfg["trust_remote_code"],
+        use_safetensors=True if model_cfg["safetensors_only"] else None,
     )
     vision_attention.apply(model, model_cfg["vision_attention"])
     if model_cfg["quantization"] != "none":

@@ -16,6 +16,7 @@ def from_pretrained_kwargs(model_cfg: dict, gradient_checkpointing: bool) -> dic
         load_in_8bit=model_cfg["quantization"] == "8bit",
         load_in_16bit=model_cfg["quantization"] == "none",
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        trust_remote_code=model_cfg["trust_remote_code"],
     )  # attention: Unsloth picks its own kernels, so model.attn_implementation does not apply here
 
 

@@ -15,7 +15,7 @@ import unsloth  # noqa: F401  (must precede transformers, peft and trl)
 from unsloth import FastVisionModel
 
 from .. import vision_attention
-from .transformers_backend import configure_processor
+from .transformers_backend import configure_processor, warn_remote_code
 from .unsloth_args import from_pretrained_kwargs, get_peft_model_kwargs
 
 log = logging.getLogger("runner")
@@ -30,6 +30,7 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True):
     # (docs/benchmarks.md: eval). transformers' generate with a dynamic cache is used instead; set the variable
     # to 0 to get Unsloth's back.
     os.environ.setdefault("UNSLOTH_DISABLE_FAST_GENERATION", "1")
+    warn_remote_code(model_cfg)
     model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, gradient_checkpointing))
     configure_processor(processor, model_cfg)
     vision_attention.apply(model, model_cfg["vision_attention"])
