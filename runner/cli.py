@@ -233,16 +233,14 @@ def tiny(root: Path, force: bool) -> None:
               type=click.Path(exists=True, path_type=Path), help="Recipe to copy.")
 @click.option("--dataset", default=None, help="Dataset id or local path for the new recipe.")
 def new(name: str, source: Path, dataset: str | None) -> None:
-    """Copy a recipe as recipes/NAME.yaml, with its name (and dataset) replaced."""
-    import re
+    """Copy a recipe as recipes/NAME.yaml, with its own header, name (and dataset)."""
+    from .recipe import new_recipe_text
 
     target = Path("recipes") / f"{name}.yaml"
     if target.exists():
         raise click.ClickException(f"{target} exists already")
-    text = re.sub(r"(?m)^name: .*$", f"name: {name}", source.read_text(), count=1)
-    if dataset is not None:
-        text = re.sub(r"(?m)^(\s+id: )unsloth/LaTeX_OCR.*$", rf"\g<1>{dataset}", text, count=1)
-    target.write_text(text)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(new_recipe_text(source.read_text(), name, str(source), dataset))
     try:
         load_recipe(target)
     except RecipeError as error:

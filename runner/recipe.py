@@ -332,3 +332,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
 def dump(recipe: dict) -> str:
     """The resolved recipe as YAML, in schema order."""
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, width=120)
+
+
+def new_recipe_text(source_text: str, name: str, source: str, dataset: str | None) -> str:
+    """A copy of a recipe for `recipe new`: a header of its own, the new name and, if given, the new dataset."""
+    lines = source_text.splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if not line.startswith("#")):]
+    text = re.sub(r"(?m)^name: .*$", f"name: {name}", "\n".join(body) + "\n", count=1)
+    if dataset is not None:  # the dataset section's id line, with the source dataset's comment dropped
+        text = re.sub(r"(?ms)^(dataset:\s*\n(?:[ \t]+.*\n)*?[ \t]+id:)[^\n]*", rf"\g<1> {dataset}", text, count=1)
+    trains_on = dataset if dataset is not None else "the dataset in its `dataset` section"
+    header = [
+        f"# {name}: Qwen2.5-VL fine-tuned into a LaTeX OCR model on {trains_on}.",
+        f"# Made by `recipe new` from {source};",
+        "# check the dataset section (columns, splits) before running.",
+        "#",
+        f"#   just run recipes/{name}.yaml",
+        f"#   just run recipes/{name}.yaml --set train.max_steps=null --set train.epochs=1   # a full epoch",
+    ]
+    return "\n".join(header) + "\n" + text

@@ -100,3 +100,50 @@ def test_jsonl_with_image_paths_relative_to_the_file(tmp_path, tiny_processor):
     cfg = dataset_cfg(tmp_path / "train.jsonl", image_column="file", text_column="latex")
     data = prepare(cfg, tiny_processor, 512)
     assert data.train["latex"] == ["a", "b"] and data.base_dir == tmp_path
+
+
+def decompression_bomb_png() -> bytes:
+    """A small file that claims 20,000 x 20,000 pixels: PIL refuses to decode it (over 2x MAX_IMAGE_PIXELS)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_fuzzed_rows_are_skipped_and_counted_and_the_run_goes_on(tmp_path, tiny_processor):
+    png = render_png("a + b")
+    rows = [
+        ({"bytes": png[: len(png) // 2], "path": None}, "truncated image"),
+        ({"bytes": b"", "path": None}, "empty bytes"),
+        ({"bytes": b"%PDF-1.4 not an image at all", "path": None}, "not an image"),
+        ({"bytes": decompression_bomb_png(), "path": None}, "bomb"),
+        ({"bytes": None, "path": "does/not/exist.png"}, "missing file"),
+        good("x ^ { 2 }"),
+        (good("y")[0], " \\frac { 1 } { 2 } " * 700),  # ~10,000 characters: longer than max_seq_length
+        good("z"),
+    ]
+    write_parquet(tmp_path / "train.parquet", rows, image_feature=False)
+    data = prepare(dataset_cfg(tmp_path / "train.parquet"), tiny_processor, max_seq_length=512)
+    assert data.train["text"] == ["x ^ { 2 }", "z"]
+    skipped = data.reports[0].as_dict()["skipped"]
+    assert skipped == {"image does not decode": 4, "image over 89,478,485 pixels (PIL's decompression-bomb guard)": 1,
+                       "longer than max_seq_length 512": 1}
+
+
+def test_text_that_is_bytes_is_read_as_utf8_or_skipped(tmp_path, tiny_processor):
+    features = Features({"image": Image(), "text": Value("binary")})
+    images = [good("a")[0], good("b")[0], good("c")[0]]
+    texts = ["a".encode(), b"\xff\xfe not UTF-8", "c \\alpha".encode()]
+    Dataset.from_dict({"image": images, "text": texts}, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    data = prepare(dataset_cfg(tmp_path / "train.parquet"), tiny_processor, max_seq_length=512)
+    assert data.train["row_id"] == [0, 2]
+    assert data.reports[0].as_dict()["skipped"] == {"text is not a string or UTF-8 bytes": 1}
+
+    from runner.train import VisionCollator
+
+    batch = VisionCollator(tiny_processor, DEFAULTS["instruction"], "image", "text")([data.train[0], data.train[1]])
+    labels = batch["labels"][1][batch["labels"][1] != -100]
+    assert tiny_processor.tokenizer.decode(labels) == "c \\alpha<|im_end|>"  # the bytes trained as their text

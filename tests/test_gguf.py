@@ -35,9 +35,15 @@ def test_gguf_f16_text_logits_match_the_merged_model(memorized):
     llama.eval(ids)
     actual = np.array(llama.scores[: len(ids)])
     # Tolerance: the f16 GGUF holds the bf16 weights exactly; llama.cpp's CPU matmuls round activations to f16
-    # (10-bit mantissa), so logits of magnitude ~10 may move by a few hundredths.
-    assert np.abs(expected - actual).max() < 0.1
-    assert (expected.argmax(-1) == actual.argmax(-1)).all()
+    # (10-bit mantissa), so logits of magnitude ~10 may move by a few hundredths, by how much depends on the CPU's
+    # kernels. Where the reference's top two logits are closer than twice that, either may win: the argmax is
+    # compared only where the margin exceeds it, and such positions must be most of the sequence.
+    tolerance = 0.1
+    assert np.abs(expected - actual).max() < tolerance
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * tolerance
+    assert decided.mean() > 0.5, f"only {decided.sum()} of {len(ids)} positions have a clear top token"
+    assert (expected.argmax(-1) == actual.argmax(-1))[decided].all()
 
 
 @pytest.mark.parametrize("quantization", ["f16", "q4_k_m"])

@@ -131,8 +131,16 @@ def test_new_copies_a_recipe_for_another_dataset(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["new", "my_formulas", "--from", str(REPO / "recipes" / "qwen25vl_latex_a100.yaml"),
                                        "--dataset", "data/mine.parquet"])
     assert result.exit_code == 0, result.output
-    recipe = yaml.safe_load((tmp_path / "recipes" / "my_formulas.yaml").read_text())
+    written = tmp_path / "recipes" / "my_formulas.yaml"
+    recipe = yaml.safe_load(written.read_text())
     assert recipe["name"] == "my_formulas" and recipe["dataset"]["id"] == "data/mine.parquet"
+    # the recipe tests hold for the new recipe too: its header is its own, naming its command and its dataset
+    from .test_recipe import check_header
+
+    header = check_header(written, tmp_path / "recipes")
+    assert "data/mine.parquet" in header and "just run recipes/qwen25vl_latex_a100.yaml" not in header
+    assert "68,686" not in written.read_text()  # the flagship dataset's comment went with its id
+
 
 
 def test_readme_recipe_reference_matches_the_schema():

@@ -87,3 +87,20 @@ def test_processor_pixel_bounds_come_from_the_recipe(tiny_processor):
     transformers_backend.configure_processor(processor, {**MODEL, "image_min_pixels": 1000, "image_max_pixels": 9000})
     assert processor.image_processor.size["shortest_edge"] == 1000
     assert processor.image_processor.size["longest_edge"] == 9000
+
+
+def test_remote_code_is_off_by_default_and_warned_about_when_on(tiny_assets, caplog):
+    assert MODEL["trust_remote_code"] is False and MODEL["safetensors_only"] is True
+    cfg = {**MODEL, "id": str(tiny_assets["model"]), "dtype": "float32", "trust_remote_code": True}
+    with caplog.at_level("WARNING", logger="runner"):
+        transformers_backend.load(cfg)
+    assert f"model.trust_remote_code is on: loading {tiny_assets['model']} may run Python code" in caplog.text
+
+
+def test_pickled_weights_are_refused_unless_the_recipe_allows_them(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    problems = dict(backends.machine_problems({**MODEL, "id": str(tmp_path)}, TRAIN))
+    assert "holds only pickled .bin weights" in problems["model.safetensors_only"]
+    assert "model.safetensors_only" not in dict(
+        backends.machine_problems({**MODEL, "id": str(tmp_path), "safetensors_only": False}, TRAIN))
