@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .distributed import rank0_decides
 from .status import effective_state, read_status, run_dirs, write_status
 
 log = logging.getLogger("runner")
@@ -64,7 +65,7 @@ class SaveEveryMinutes(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.seconds is not None and time.monotonic() - self.last >= self.seconds:
+        if self.seconds is not None and rank0_decides(time.monotonic() - self.last >= self.seconds):
             control.should_save = True
 
 
@@ -92,7 +93,8 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if rank0_decides(self.interrupted is not None):
+            self.interrupted = self.interrupted or "SIGTERM"  # torchrun forwards the signal to every rank
             control.should_save = True
             control.should_training_stop = True
 

@@ -56,22 +56,34 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> 
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
               help="Continue an unfinished run from its newest checkpoint: the newest unfinished run of FILE's recipe, "
                    "or the run directory given.")
-def run(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Train with DDP in this many processes, one "
+              "per GPU, through torchrun (sets distributed.strategy=ddp and distributed.processes_per_node).")
+def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | None) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
+    from . import distributed
     from .errors import RunError, RunInterrupted
-    from .run import preflight
+    from .run import make_run_dir, preflight
     from .run import run as run_recipe
 
+    overrides = list(overrides) + (["distributed.strategy=ddp", f"distributed.processes_per_node={gpus}"] if gpus
+                                   else [])
     try:
-        recipe = load_recipe(file, list(overrides))
+        recipe = load_recipe(file, overrides)
     except RecipeError as error:
         _fail(error.problems)
     resume_dir = None
     if resume is not None:
-        resume_dir, recipe = _resumable(file, recipe, resume, list(overrides))
+        resume_dir, recipe = _resumable(file, recipe, resume, overrides)
     problems = [Problem(file, path, message) for path, message in preflight(recipe)]
     if problems:
         _fail(problems)
+    recipe["distributed"] = distributed.resolve(recipe["distributed"])  # numbers, as recorded in the run directory
+    if distributed.planned_world_size(recipe["distributed"]) > 1 and not distributed.launched():
+        run_dir = resume_dir or (make_run_dir(recipe) if recipe["distributed"]["node_rank"] == 0 else None)
+        extra = ["--resume", str(run_dir)] if resume_dir else []
+        click.echo(f"launching {recipe['distributed']['processes_per_node']} processes x "
+                   f"{recipe['distributed']['nodes']} node(s) through torchrun; rank 0 writes {run_dir}")
+        sys.exit(distributed.launch(file, overrides, recipe["distributed"], run_dir, extra))
     try:
         run_dir = run_recipe(recipe, resume_dir)
     except RunInterrupted as stopped:
@@ -80,7 +92,8 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None) -> None:
     except RunError as error:
         click.echo(f"{file}: {error}", err=True)
         sys.exit(1)
-    click.echo(f"done: {run_dir}")
+    if distributed.is_main():
+        click.echo(f"done: {run_dir}")
 
 
 def _resumable(file: str, recipe: dict, resume: str, overrides: list[str]) -> tuple[Path, dict]:

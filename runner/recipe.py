@@ -19,7 +19,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SECTIONS = ("model", "dataset", "lora", "train", "eval", "export")
+SECTIONS = ("model", "dataset", "lora", "train", "eval", "export", "distributed")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from . import backends, install_sets
+from . import backends, distributed, install_sets
 from .checkpoints import newest_usable
 from .errors import RunError, RunInterrupted, explain, model_not_found
 from .evaluate import evaluate, limit_rows
@@ -33,6 +33,15 @@ log = logging.getLogger("runner")
 
 
 def setup_logging(log_file: Path | None = None) -> None:
+    """Console (and `log_file`) logging. Under torchrun, ranks other than 0 print only warnings, marked with their
+    rank, and write no file: rank 0's run.log is the run's log."""
+    if not distributed.is_main():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {distributed.rank()}] %(asctime)s %(message)s", "%H:%M:%S"))
+        log.handlers[:] = [handler]
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+        return
     formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
@@ -43,6 +52,12 @@ def setup_logging(log_file: Path | None = None) -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def record(run_dir: Path, **fields) -> None:
+    """status.json, written by rank 0 alone."""
+    if distributed.is_main():
+        write_status(run_dir, **fields)
 
 
 @contextmanager
@@ -72,6 +87,7 @@ def report(out_dir: Path, rows, eval_cfg: dict, image_column: str, after, before
 def preflight(recipe: dict) -> list[tuple[str, str]]:
     """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
     problems = backends.machine_problems(recipe["model"], recipe["train"])
+    problems += distributed.problems(distributed.resolve(recipe["distributed"]))
     for index, target in enumerate(recipe["export"]):
         if target["format"] == "gguf":
             from .gguf import GGUFError, llama_cpp_version
@@ -91,31 +107,33 @@ def run(recipe: dict, resume_dir: Path | None = None) -> Path:
 
     status.json says how it ended. A failure is logged with its traceback in run.log and raised as a RunError
     whose message is one line; Ctrl-C or SIGTERM during training saves a checkpoint and raises RunInterrupted."""
-    run_dir = resume_dir or make_run_dir(recipe)
+    run_dir = resume_dir or distributed.shared_run_dir() or make_run_dir(recipe)
     setup_logging(run_dir / "run.log")
-    (run_dir / "recipe.resolved.yaml").write_text(dump(recipe))
+    if distributed.is_main():
+        (run_dir / "recipe.resolved.yaml").write_text(dump(recipe))
     log.info("run directory: %s\nresolved recipe:\n%s", run_dir, dump(recipe))
     checkpoint = None
     if resume_dir is not None:
-        checkpoint = newest_usable(run_dir)
+        checkpoint = newest_usable(run_dir) if distributed.is_main() else distributed.newest_checkpoint(run_dir)
         log.info("resuming %s from %s", run_dir, checkpoint or "the start (no usable checkpoint was saved)")
-    write_status(run_dir, state="running", pid=os.getpid(), error=None, resumed_from=str(checkpoint or "") or None)
+    record(run_dir, state="running", pid=os.getpid(), error=None, resumed_from=str(checkpoint or "") or None)
     try:
         run_steps(recipe, run_dir, checkpoint)
     except RunInterrupted as stopped:
-        write_status(run_dir, state="interrupted", error=str(stopped))
+        record(run_dir, state="interrupted", error=str(stopped))
         raise
     except KeyboardInterrupt:
         message = "interrupted (Ctrl-C outside training, or a second Ctrl-C): no checkpoint was written for it"
-        write_status(run_dir, state="interrupted", error=message)
+        record(run_dir, state="interrupted", error=message)
         raise RunInterrupted(message) from None
     except Exception as error:
         message = explain(error, recipe)
-        with open(run_dir / "run.log", "a") as log_file:
-            traceback.print_exc(file=log_file)
-        write_status(run_dir, state="failed", error=message)
+        if distributed.is_main():
+            with open(run_dir / "run.log", "a") as log_file:
+                traceback.print_exc(file=log_file)
+        record(run_dir, state="failed", error=message)
         raise RunError(message) from error
-    write_status(run_dir, state="done")
+    record(run_dir, state="done")
     return run_dir
 
 
@@ -147,6 +165,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     if eval_cfg["enabled"] and eval_rows is None:
         log.info("eval: skipped, the dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
     eval_args = (eval_cfg, dataset["instruction"], (dataset["image_column"], dataset["text_column"]), data.base_dir)
+    evaluating = evaluating and distributed.is_main()  # rank 0 evaluates the whole model; the others are done
     before = None
     if evaluating and eval_cfg["compare_base"]:
         with step("eval-base", timings):
@@ -160,7 +179,8 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
         collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
                                   dataset["text_column"], data.base_dir)
         metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
-                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING, checkpoint)
+                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING, checkpoint,
+                                 recipe["distributed"])
     if "interrupted" in metrics["train"]:
         raise RunInterrupted(f"{metrics['train']['interrupted']}: stopped after step {metrics['train']['step']} with "
                              "a checkpoint saved")
@@ -170,6 +190,8 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")
             metrics["eval"] = report(run_dir, eval_rows, eval_cfg, dataset["image_column"], after, before, data.base_dir)
 
+    if not distributed.is_main():
+        return  # rank 0 alone evaluates, exports and writes metrics.json
     if recipe["export"]:
         with step("export", timings):
             from .export import export

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from . import distributed
 from .checkpoints import RecordStatus, SaveEveryMinutes, StopOnSignal
 from .errors import NonFiniteLoss
 from .prompt import decode_image, text_of, training_batch
 
 log = logging.getLogger("runner")
+TRACE_ROWS = os.environ.get("RECIPE_TRACE_ROWS")  # a directory; a debugging aid, off unless set
 
 
 class VisionCollator:
@@ -24,6 +27,9 @@ class VisionCollator:
         self.image_column, self.text_column, self.base_dir = image_column, text_column, base_dir
 
     def __call__(self, rows: list[dict]) -> dict:
+        if TRACE_ROWS:  # which rows each rank trains on, to check how batches are sharded across processes
+            with open(Path(TRACE_ROWS) / f"rows-rank{distributed.rank()}.txt", "a") as trace:
+                trace.write("".join(f"{row['row_id']}\n" for row in rows))
         images = [decode_image(row[self.image_column], self.base_dir) for row in rows]
         answers = [text_of(row[self.text_column]) for row in rows]
         return training_batch(self.processor, images, answers, self.instruction)
@@ -122,9 +128,13 @@ def resolve_optimizer(name: str) -> str:
     return name
 
 
-def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpointing: bool = True):
-    """Maps the `train` section onto trl's SFTConfig, with the settings vision training requires."""
+def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpointing: bool = True,
+               distributed_cfg: dict | None = None):
+    """Maps the `train` (and `distributed`) sections onto trl's SFTConfig, with what vision training requires."""
     from trl import SFTConfig
+
+    timeout_minutes = distributed_cfg["timeout_minutes"] if distributed_cfg else 30
+    cpu_group = distributed.world_size() > 1 and not torch.cuda.is_available()
 
     bf16, fp16 = resolve_precision(cfg["precision"])
     return SFTConfig(
@@ -160,27 +170,39 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         max_length=max_seq_length,
         packing=False,
         eval_strategy="no",
-        disable_tqdm=False,
+        disable_tqdm=not distributed.is_main(),
+        # Under DDP: every LoRA parameter gets a gradient each step (and reentrant checkpointing with LoRA fails
+        # with "marked ready twice"), so DDP need not search for unused ones; gloo where there is no GPU.
+        ddp_find_unused_parameters=False,
+        ddp_timeout=int(timeout_minutes * 60),
+        ddp_backend="gloo" if cpu_group else None,
+        use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
     )
 
 
 def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
-          trainer_checkpointing: bool = True, resume_from: Path | None = None):
+          trainer_checkpointing: bool = True, resume_from: Path | None = None, distributed_cfg: dict | None = None):
     """Runs the train step (from `resume_from`, a checkpoint, if given); returns the trainer's final metrics, with
     `interrupted` naming the signal that stopped it early. The final adapter goes to `output_dir/adapter`."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
-    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing)
-    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
+    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing, distributed_cfg)
     counter = TokenCounter()
-    speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"])
+    processes = distributed.world_size()
+    speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"] * processes)
     stop = StopOnSignal()
+    callbacks = [speed, SaveEveryMinutes(train_cfg["save_every_minutes"]), stop]
+    if distributed.is_main():  # rank 0 alone writes the run directory's log, TensorBoard events and status
+        tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
+        callbacks = [LogToFile(), tensorboard, RecordStatus(output_dir), *callbacks]
+    log.info("train: global batch %d = batch_size %d x gradient_accumulation_steps %d x %d process%s",
+             speed.samples_per_step, train_cfg["batch_size"], train_cfg["gradient_accumulation_steps"], processes,
+             "es" * (processes != 1))
     trainer = checked(SFTTrainer, counter)(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
-        callbacks=[LogToFile(), tensorboard, speed, RecordStatus(output_dir),
-                   SaveEveryMinutes(train_cfg["save_every_minutes"]), stop],
+        callbacks=callbacks,
     )
     if resume_from is not None:
         log.info("train: resuming from %s (optimizer, schedule, RNG and data position restored)", resume_from)
@@ -189,10 +211,12 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     if stop.interrupted:
         return {"interrupted": stop.interrupted, "step": trainer.state.global_step}
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    processor.save_pretrained(adapter_dir)
-    log.info("train: adapter saved to %s", adapter_dir)
-    metrics = {**result.metrics, "speed": speed.figures()}
+    if distributed.is_main():
+        trainer.model.save_pretrained(adapter_dir)
+        processor.save_pretrained(adapter_dir)
+        log.info("train: adapter saved to %s", adapter_dir)
+    metrics = {**result.metrics, "speed": speed.figures(), "world_size": processes,
+               "global_batch": speed.samples_per_step}
     log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items() if v is not None))
     if history:
         metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]

@@ -82,7 +82,7 @@ def test_all_problems_are_reported_together_with_positions_and_suggestions(tmp_p
         "R:6:3: lora.r: expected integer, got string 'many'",
         "R:8:3: train.max_steps: must be >= 1, got 0",
         "R:9:1: evl: unknown key (did you mean 'eval'?); allowed keys: name, install, output_dir, model, dataset, "
-        "lora, train, eval, export",
+        "lora, train, eval, export, distributed",
     ]
 
 

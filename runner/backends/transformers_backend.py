@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from .. import vision_attention
+from .. import distributed, vision_attention
 
 log = logging.getLogger("runner")
 # The trainer turns on gradient checkpointing from `train.gradient_checkpointing` (Unsloth does its own instead).
@@ -68,7 +68,7 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True):
     model = AutoModelForImageTextToText.from_pretrained(
         model_cfg["id"], dtype=dtype, attn_implementation=model_cfg["attn_implementation"],
         quantization_config=quantization_config(model_cfg, dtype),
-        device_map={"": 0} if torch.cuda.is_available() else None,
+        device_map={"": distributed.local_rank()} if torch.cuda.is_available() else None,  # one GPU per process
         trust_remote_code=model_cfg["trust_remote_code"],
         use_safetensors=True if model_cfg["safetensors_only"] else None,
     )

@@ -1,0 +1,138 @@
+"""Several training processes through torchrun: the `distributed` section, its checks, and the launch.
+
+`recipe run` in one process reads the recipe; when it asks for more than one process, that process starts
+`python -m torch.distributed.run ... -m runner run RECIPE ...` (torchrun, the launcher PyTorch ships) and waits
+for it. Each process torchrun starts sees RANK, LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe
+as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel, shards every batch
+across the ranks and averages the gradients (NCCL on GPUs, gloo on CPUs). This module never spawns processes or
+syncs gradients itself.
+
+Rank 0 alone writes the run directory (log, status, TensorBoard, metrics, checkpoints), evaluates and exports;
+the other ranks log warnings to the console with their rank in front and write nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENVIRONMENT = {"processes_per_node": "NPROC_PER_NODE", "nodes": "NNODES", "node_rank": "NODE_RANK",
+               "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
+RUN_DIR_VARIABLE = "RECIPE_RUN_DIR"  # the run directory the launching process made, handed to every rank
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True inside a process that torchrun started."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve(cfg: dict, gpus: int | None = None) -> dict:
+    """The section with `--gpus`, the environment variables and `auto` applied; adds `world_size`."""
+    cfg = dict(cfg)
+    if gpus is not None:
+        cfg["strategy"], cfg["processes_per_node"] = "ddp", gpus
+    for key, variable in ENVIRONMENT.items():
+        if os.environ.get(variable):
+            value = os.environ[variable]
+            cfg[key] = value if key == "master_addr" else int(value)
+    if cfg["processes_per_node"] == "auto":
+        cfg["processes_per_node"] = max(visible_gpus(), 1)
+    if cfg["strategy"] == "none":
+        cfg["processes_per_node"], cfg["nodes"] = 1, 1
+    return cfg
+
+
+def planned_world_size(cfg: dict) -> int:
+    """Processes in all: torchrun's WORLD_SIZE inside a launched process, else what the section asks for."""
+    return world_size() if launched() else cfg["processes_per_node"] * cfg["nodes"]
+
+
+def problems(cfg: dict) -> list[tuple[str, str]]:
+    """What stops this distributed setting on this machine, before anything launches: (key path, message)."""
+    found = []
+    if cfg["strategy"] == "none":
+        return found
+    gpus = visible_gpus()
+    if gpus and cfg["processes_per_node"] > gpus:
+        found.append(("distributed.processes_per_node", f"{cfg['processes_per_node']} processes but {gpus} visible "
+                      "GPUs; use at most one process per GPU (CUDA_VISIBLE_DEVICES chooses which)"))
+    if not gpus and cfg["processes_per_node"] > os.cpu_count():
+        found.append(("distributed.processes_per_node", f"{cfg['processes_per_node']} processes on a machine without "
+                      f"a GPU and {os.cpu_count()} CPU cores; use at most one process per core"))
+    if cfg["node_rank"] >= cfg["nodes"]:
+        found.append(("distributed.node_rank", f"is {cfg['node_rank']} but nodes is {cfg['nodes']}; node ranks run "
+                      "from 0 to nodes - 1"))
+    return found
+
+
+def launch_command(recipe_file: str, overrides: list[str], cfg: dict, extra: list[str]) -> list[str]:
+    """torchrun's command line for this recipe: the same `runner run` with the same overrides in every process."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg['processes_per_node']}",
+               f"--nnodes={cfg['nodes']}", f"--node_rank={cfg['node_rank']}", f"--master_addr={cfg['master_addr']}",
+               f"--master_port={cfg['master_port']}", "-m", "runner", "run", recipe_file]
+    for override in overrides:
+        command += ["--set", override]
+    return command + extra
+
+
+def launch(recipe_file: str, overrides: list[str], cfg: dict, run_dir: Path | None, extra: list[str]) -> int:
+    """Runs the recipe under torchrun and returns its exit code. `run_dir` (made by node 0's launcher) is handed to
+    every rank, so that all of them agree on where rank 0 writes."""
+    environment = dict(os.environ)
+    if run_dir is not None:
+        environment[RUN_DIR_VARIABLE] = str(run_dir)
+    if not visible_gpus():
+        environment.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores instead of oversubscribing
+    return subprocess.run(launch_command(recipe_file, overrides, cfg, extra), env=environment).returncode
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank. Saving and stopping must happen at the same step on all ranks (a checkpoint
+    save gathers from every rank), while clocks and signals reach the processes at slightly different times."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
+    decision = torch.tensor([int(flag)], device=device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def shared_run_dir() -> Path | None:
+    """Inside a launched process: the run directory its launcher made (rank 0's node), if any."""
+    value = os.environ.get(RUN_DIR_VARIABLE)
+    return Path(value) if launched() and value else None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """For ranks other than 0, which must not set incomplete checkpoints aside: the newest complete one."""
+    from .checkpoints import is_usable
+
+    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return next((c for c in reversed(found) if is_usable(c)), None)

@@ -1,0 +1,109 @@
+"""Two training processes through the real launcher (torchrun, gloo on the CPU) against one process (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner import distributed
+from runner.cli import main
+from runner.recipe import load_recipe
+
+from .conftest import REPO, smoke_overrides
+
+RECIPE = str(REPO / "recipes" / "smoke_tiny.yaml")
+# 64 training rows; 8 steps of a global batch of 8 are exactly one epoch.
+ONE_EPOCH = ["train.max_steps=8", "train.logging_steps=1", "train.warmup_steps=2", "train.save_steps=null",
+             "export=[]", "eval.compare_base=false", "eval.max_samples=4"]
+
+
+def run(tiny_assets, runs: Path, *extra: str, trace: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "runner", "run", RECIPE]
+    for override in [*smoke_overrides(tiny_assets, runs), *ONE_EPOCH]:
+        command += ["--set", override]
+    environment = dict(os.environ, MASTER_PORT="29517")
+    if trace is not None:
+        trace.mkdir()
+        environment["RECIPE_TRACE_ROWS"] = str(trace)
+    return subprocess.run(command + list(extra), capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets, tmp_path):
+    two = run(tiny_assets, tmp_path / "two", "--gpus", "2", "--set", "train.batch_size=4", trace=tmp_path / "trace")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "through torchrun" in two.stdout
+    one = run(tiny_assets, tmp_path / "one", "--set", "train.batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    (two_dir,), (one_dir,) = list((tmp_path / "two").glob("*/*")), list((tmp_path / "one").glob("*/*"))
+    two_metrics, one_metrics = (json.loads((d / "metrics.json").read_text()) for d in (two_dir, one_dir))
+    # (a) The same 8 rows per step, the gradients averaged over all their tokens: the per-step losses agree. The
+    # logged loss of 2 processes is the mean of the two ranks' token means, the 1-process one the token mean of all
+    # 8 rows; with rows of unequal length that differs by ~0.1%, so the tolerance is 0.5%.
+    assert two_metrics["train"]["world_size"] == 2 and two_metrics["train"]["global_batch"] == 8
+    expected, actual = one_metrics["train"]["losses"], two_metrics["train"]["losses"]
+    assert expected.keys() == actual.keys() and len(expected) == 8
+    assert all(abs(actual[s] - expected[s]) <= 5e-3 * abs(expected[s]) for s in expected), (expected, actual)
+    assert "global batch 8 = batch_size 4 x gradient_accumulation_steps 1 x 2 processes" in \
+        (two_dir / "run.log").read_text()
+
+    # (b) The rows each rank trained on are disjoint, and together they are the epoch, each row once.
+    ranks = [[int(line) for line in (tmp_path / "trace" / f"rows-rank{r}.txt").read_text().split()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 32 and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(64))
+
+    # (c) Rank 0 alone wrote the run directory (one log, one TensorBoard file, one status), and its adapter evaluates.
+    written = sorted(str(p.relative_to(two_dir)) for p in two_dir.rglob("*") if p.is_file())
+    assert [p for p in written if p.startswith("tensorboard/")].__len__() == 1
+    assert {"run.log", "status.json", "metrics.json", "recipe.resolved.yaml", "predictions.jsonl",
+            "adapter/adapter_config.json"} <= set(written)
+    assert "[rank 1]" not in (two_dir / "run.log").read_text() and "rank" not in " ".join(written)
+    assert json.loads((two_dir / "status.json").read_text())["state"] == "done"
+    assert two_metrics["eval"]["after"]["rows"] == 4
+    resolved = load_recipe(two_dir / "recipe.resolved.yaml")
+    assert resolved["distributed"]["strategy"] == "ddp" and resolved["distributed"]["processes_per_node"] == 2
+    assert two.stdout.count("done: ") == 1  # rank 1 says nothing on stdout
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["distributed.strategy=ddp", "distributed.nodes=2", "distributed.node_rank=2"], "distributed.node_rank",
+     "is 2 but nodes is 2; node ranks run from 0 to nodes - 1"),
+    (["distributed.strategy=ddp", "distributed.processes_per_node=4096"], "distributed.processes_per_node",
+     "4096 processes on a machine without a GPU"),
+    (["distributed.strategy=ddp", "distributed.processes_per_node=3", "distributed.gpus_for_test=1"],
+     "distributed.processes_per_node", "3 processes but 1 visible GPUs; use at most one process per GPU"),
+])
+def test_invalid_combinations_fail_before_anything_launches(tmp_path, monkeypatch, overrides, key, message):
+    gpus = 1 if "distributed.gpus_for_test=1" in overrides else 0
+    overrides = [o for o in overrides if not o.startswith("distributed.gpus_for_test")]
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: gpus)
+    args = ["run", RECIPE, "--set", f"output_dir={tmp_path / 'runs'}"]
+    for override in overrides:
+        args += ["--set", override]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and f"{key}: {message}" in result.output, result.output
+    assert not (tmp_path / "runs").exists()  # nothing launched, no run directory
+
+
+def test_the_section_defaults_to_one_process_and_takes_the_usual_environment_variables(monkeypatch):
+    defaults = load_recipe(RECIPE)["distributed"]
+    assert distributed.resolve(defaults)["processes_per_node"] == 1 and distributed.planned_world_size(
+        distributed.resolve(defaults)) == 1
+    for variable, value in (("NPROC_PER_NODE", "3"), ("NNODES", "2"), ("NODE_RANK", "1"), ("MASTER_ADDR", "10.0.0.5"),
+                            ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(variable, value)
+    resolved = distributed.resolve({**defaults, "strategy": "ddp"})
+    assert (resolved["processes_per_node"], resolved["nodes"], resolved["node_rank"], resolved["master_addr"],
+            resolved["master_port"]) == (3, 2, 1, "10.0.0.5", 29999)
+    assert distributed.planned_world_size(resolved) == 6
+    command = distributed.launch_command("r.yaml", ["train.max_steps=5"], resolved, [])
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=3" in command
+    assert "--nnodes=2" in command and "--node_rank=1" in command and "--master_addr=10.0.0.5" in command
+    assert command[-3:] == ["r.yaml", "--set", "train.max_steps=5"]
