@@ -31,11 +31,18 @@ def main() -> None:
 @click.option("--here", is_flag=True, help="Also check that this machine can run them (GPU, Unsloth, llama-cpp-python), "
               "as `recipe run` does before its first step.")
 def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> None:
-    """Check recipes without running them; report every problem of every file."""
+    """Check recipes without running them; report every problem of every file. A directory means every .yaml
+    recipe under it."""
     from .run import preflight
 
-    problems = []
+    problems, expanded = [], []
     for file in files:
+        if Path(file).is_dir():
+            found = sorted(str(p) for p in Path(file).rglob("*.yaml"))
+            expanded += found or [file]  # an empty directory is reported by load_recipe
+        else:
+            expanded.append(file)
+    for file in expanded:
         try:
             recipe = load_recipe(file, list(overrides))
         except RecipeError as error:

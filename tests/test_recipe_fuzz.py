@@ -122,8 +122,9 @@ def test_mutated_recipes_end_in_clear_errors(tmp_path):
 
 def test_paths_that_are_not_recipe_files_say_what_they_are(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty").mkdir()
     cases = {
-        str(REPO / "recipes"): "is a directory; give recipe files, e.g. recipes/*.yaml",
+        str(tmp_path / "empty"): "is a directory; give recipe files, e.g. recipes/*.yaml",
         "/dev/null": "not a regular file (a device, pipe or socket); give a .yaml file",
         str(tmp_path / "missing.yaml"): "no such recipe file",
         str(tmp_path / "latin1.yaml"): "not valid UTF-8 (byte 0xe9); save the recipe as UTF-8",
@@ -133,6 +134,8 @@ def test_paths_that_are_not_recipe_files_say_what_they_are(tmp_path):
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert f"{tmp_path / 'latin1.yaml'}:1:10: <recipe>: not valid UTF-8" in CliRunner().invoke(
         main, ["validate", str(tmp_path / "latin1.yaml")]).output
+    every = CliRunner().invoke(main, ["validate", str(REPO / "recipes")])  # a directory: each recipe under it
+    assert every.exit_code == 0 and every.output.count(": ok") == len(RECIPES), every.output
 
 
 def test_duplicate_keys_and_tags_are_errors_with_positions(tmp_path):
