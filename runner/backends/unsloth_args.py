@@ -3,7 +3,7 @@ needs a GPU), so that the mapping is testable on any machine (tests/backends/tes
 
 from __future__ import annotations
 
-from ..distributed import local_rank
+from ..distributed import local_rank, world_size
 from .transformers_backend import resolve_dtype
 
 
@@ -18,7 +18,8 @@ def from_pretrained_kwargs(model_cfg: dict, gradient_checkpointing: bool) -> dic
         load_in_16bit=model_cfg["quantization"] == "none",
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         trust_remote_code=model_cfg["trust_remote_code"],
-        device_map={"": local_rank()},  # one GPU per process under DDP; GPU 0 otherwise
+        # under DDP each process loads onto its own GPU; one process keeps Unsloth's own placement
+        **({"device_map": {"": local_rank()}} if world_size() > 1 else {}),
     )  # attention: Unsloth picks its own kernels, so model.attn_implementation does not apply here
 
 

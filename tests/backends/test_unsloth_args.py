@@ -77,3 +77,11 @@ def test_every_train_key_lands_in_sft_config(tmp_path):
     assert (config.learning_rate, config.warmup_steps, config.optim, config.seed) == (1e-5, 9, "sgd", 5)
     assert config.train_sampling_strategy == "group_by_length" and config.length_column_name == "length"
     assert config.remove_unused_columns is False and config.dataset_kwargs == {"skip_prepare_dataset": True}
+
+
+def test_each_ddp_process_loads_onto_its_own_gpu(monkeypatch):
+    assert "device_map" not in from_pretrained_kwargs(MODEL, True)  # one process: Unsloth's own placement
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    kwargs = from_pretrained_kwargs(MODEL, True)
+    assert kwargs["device_map"] == {"": 1} and set(kwargs) <= set(SIGNATURES["FastVisionModel.from_pretrained"])
