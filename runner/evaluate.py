@@ -75,6 +75,7 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
                           **row_metrics(reference, prediction)}
                 results.append((position, result))
                 partial_file.write(json.dumps(result) + "\n")
+            partial_file.flush()
             bar.update(len(predictions))
             bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
