@@ -66,3 +66,15 @@ def test_eval_speed_arguments_and_table():
     table = eval_speed.table([{"quantization": "none", "batch_size": 256, "rows": 768, "samples_per_s": 53.243,
                                "peak_allocated_gib": 20.94}])
     assert table.splitlines()[2] == "| none | 256 | 768 | 53.2 | 143 | 20.9 |"
+
+
+def test_render_coverage_reports_the_share_drawn_and_the_cost(tiny_assets, tmp_path):
+    import json
+
+    from bench import render_coverage
+
+    out = tmp_path / "coverage.json"
+    render_coverage.main([str(tiny_assets["train"]), "--rows", "8", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["rows"] == 8 and report["drawn"] == 8 and report["share_drawn"] == 1.0  # mathtext drew them
+    assert report["render_ms_median"] > 0 and report["cached_ms_mean"] < report["render_ms_median"]
