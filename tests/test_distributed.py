@@ -61,7 +61,7 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
 
     # (c) Rank 0 alone wrote the run directory (one log, one TensorBoard file, one status), and its adapter evaluates.
     written = sorted(str(p.relative_to(two_dir)) for p in two_dir.rglob("*") if p.is_file())
-    assert [p for p in written if p.startswith("tensorboard/")].__len__() == 1
+    assert len([p for p in written if p.startswith("tensorboard/")]) == 1
     assert {"run.log", "status.json", "metrics.json", "recipe.resolved.yaml", "predictions.jsonl",
             "adapter/adapter_config.json"} <= set(written)
     assert "[rank 1]" not in (two_dir / "run.log").read_text() and "rank" not in " ".join(written)
