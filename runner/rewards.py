@@ -10,8 +10,9 @@ weights per recipe); every one is tested on hand-computed cases in tests/test_re
 - `length_and_stop`: 0 for an answer cut off before its end token; else 1 minus the relative token-length gap.
 - `render_match`: both rendered with matplotlib's mathtext (a real TeX-like renderer, no TeX installation) and
   compared pixel by pixel: 1 for the same picture, less for more differing ink, 0 when the answer does not render.
-  Two strings that differ but draw the same formula (`x^{2}` and `x ^ { 2 }`) get 1. Where the reference itself
-  does not render (mathtext has no `array` environment, for one), it falls back to `similarity`.
+  Two strings that differ but draw the same formula (`x^{2}` and `x ^ { 2 }`) get 1. Before drawing, `canonical`
+  rewrites what TeX accepts and mathtext does not (spaces, `\\bigl(`, `\\frac 1 2`, `\\stackrel`). Where the
+  reference still does not draw (mathtext has no `array` environment, for one), it falls back to `similarity`.
 """
 
 from __future__ import annotations
@@ -104,10 +105,36 @@ def length_and_stop(prediction: str, reference: str, finished: bool = True) -> f
     return max(0.0, 1.0 - abs(actual - expected) / max(expected, 1))
 
 
+# Delimiter sizing mathtext does not know; dropping it leaves the delimiter at its natural size.
+_SIZING = {rf"\{size}{side}" for size in ("big", "Big", "bigg", "Bigg") for side in ("", "l", "r", "m")}
+_RENAMED = {r"\stackrel": r"\overset", r"\boldmath": "", r"\unboldmath": ""}
+_TWO_ARGUMENTS = {r"\frac", r"\dfrac", r"\tfrac", r"\overset", r"\underset", r"\binom"}
+
+
+def _braced_arguments(tokens: list[str]) -> list[str]:
+    """`\\frac 1 2` as `\\frac { 1 } { 2 }` and `\\sqrt 2` as `\\sqrt { 2 }`: TeX takes one token as an argument,
+    mathtext wants braces."""
+    out, index = [], 0
+    while index < len(tokens):
+        token = tokens[index]
+        out.append(token)
+        wanted = 2 if token in _TWO_ARGUMENTS else 1 if token == r"\sqrt" else 0
+        index += 1
+        for _ in range(wanted):
+            if index < len(tokens) and tokens[index] not in ("{", "["):
+                out += ["{", tokens[index], "}"]
+                index += 1
+            else:
+                break
+    return out
+
+
 def canonical(latex: str) -> str:
-    """The formula without the whitespace TeX ignores in math mode; a space is kept only where it ends a control
-    word before a letter (`\\alpha b`). mathtext, unlike TeX, would draw the dataset's spaces."""
-    tokens = latex_tokens(latex)
+    """The formula as mathtext should draw it: without the whitespace TeX ignores in math mode (a space is kept only
+    where it ends a control word before a letter, `\\alpha b`; mathtext, unlike TeX, would draw the dataset's
+    spaces), without delimiter sizing, and with braces around one-token arguments."""
+    tokens = [_RENAMED.get(t, t) for t in latex_tokens(latex) if t not in _SIZING]
+    tokens = _braced_arguments([t for t in tokens if t])
     out = []
     for token, following in zip(tokens, tokens[1:] + [""]):
         out.append(token + (" " if _CONTROL_WORD.match(token) and following[:1].isalpha() else ""))

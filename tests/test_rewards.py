@@ -52,6 +52,14 @@ def test_canonical_drops_the_spaces_tex_ignores():
     assert canonical(r"\mathrm { m a x }") == r"\mathrm{max}"
 
 
+def test_canonical_rewrites_what_tex_draws_and_mathtext_does_not_parse():
+    assert canonical(r"\frac 1 2 + \sqrt 3") == r"\frac{1}{2}+\sqrt{3}"  # one-token arguments get braces
+    assert canonical(r"\sqrt [ 3 ] { x }") == r"\sqrt[3]{x}"  # an optional argument is left alone
+    assert canonical(r"\Bigl( x \Bigr) \big[ y \big]") == r"(x)[y]"  # delimiter sizing dropped
+    assert canonical(r"\stackrel { a } { = } \boldmath x") == r"\overset{a}{=}x"
+    assert render_match(r"\frac 1 2", r"\frac { 1 } { 2 }") == 1.0
+
+
 def test_render_match_compares_pictures_not_strings():
     assert render_match(r"x^{2}", r"x ^ { 2 }") == 1.0  # other strings, the same formula on paper
     assert 0.0 < render_match(r"x ^ { 3 }", r"x ^ { 2 }") < 1.0  # one glyph differs
