@@ -62,8 +62,9 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> 
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
               help="Continue an unfinished run from its newest checkpoint: the newest unfinished run of FILE's recipe, "
                    "or the run directory given.")
-@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Train with DDP in this many processes, one "
-              "per GPU, through torchrun (sets distributed.strategy=ddp and distributed.processes_per_node).")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Train in this many processes, one per GPU, "
+              "through torchrun (sets distributed.processes_per_node, and distributed.strategy=ddp unless the recipe "
+              "asks for fsdp).")
 def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | None) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
     from . import distributed
@@ -71,12 +72,14 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
     from .run import make_run_dir, preflight
     from .run import run as run_recipe
 
-    overrides = list(overrides) + (["distributed.strategy=ddp", f"distributed.processes_per_node={gpus}"] if gpus
-                                   else [])
+    overrides = list(overrides) + ([f"distributed.processes_per_node={gpus}"] if gpus else [])
     try:
         recipe = load_recipe(file, overrides)
     except RecipeError as error:
         _fail(error.problems)
+    if gpus and recipe["distributed"]["strategy"] == "none":
+        overrides.append("distributed.strategy=ddp")
+        recipe["distributed"]["strategy"] = "ddp"
     resume_dir = None
     if resume is not None:
         resume_dir, recipe = _resumable(file, recipe, resume, overrides)

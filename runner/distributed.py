@@ -50,11 +50,9 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve(cfg: dict, gpus: int | None = None) -> dict:
-    """The section with `--gpus`, the environment variables and `auto` applied; adds `world_size`."""
+def resolve(cfg: dict) -> dict:
+    """The section with the environment variables and `auto` applied."""
     cfg = dict(cfg)
-    if gpus is not None:
-        cfg["strategy"], cfg["processes_per_node"] = "ddp", gpus
     for key, variable in ENVIRONMENT.items():
         if os.environ.get(variable):
             value = os.environ[variable]
@@ -71,12 +69,24 @@ def planned_world_size(cfg: dict) -> int:
     return world_size() if launched() else cfg["processes_per_node"] * cfg["nodes"]
 
 
-def problems(cfg: dict) -> list[tuple[str, str]]:
-    """What stops this distributed setting on this machine, before anything launches: (key path, message)."""
+def problems(cfg: dict, backend: str, quantization: str) -> list[tuple[str, str]]:
+    """What stops this distributed setting on this machine, before anything launches: (key path, message).
+    `backend` is the one the run will use (`auto` already resolved)."""
     found = []
     if cfg["strategy"] == "none":
         return found
     gpus = visible_gpus()
+    if cfg["strategy"] == "fsdp" and backend == "unsloth":
+        found.append(("distributed.strategy", "fsdp needs the transformers backend: Unsloth has no FSDP path; set "
+                      "model.backend: transformers (or auto), or use strategy: ddp to keep Unsloth"))
+    if cfg["strategy"] == "fsdp" and not gpus:
+        found.append(("distributed.strategy", "fsdp needs CUDA GPUs: accelerate runs CPU processes as plain DDP "
+                      "whatever is asked, so use strategy: ddp on this machine"))
+    if cfg["strategy"] == "fsdp" and quantization == "8bit":
+        found.append(("distributed.strategy", "fsdp cannot shard 8-bit (bitsandbytes int8) weights; use "
+                      "model.quantization: 4bit or none, or strategy: ddp"))
+    if cfg["fsdp_cpu_offload"] and cfg["strategy"] != "fsdp":
+        found.append(("distributed.fsdp_cpu_offload", f"applies to strategy fsdp only, not {cfg['strategy']}"))
     if gpus and cfg["processes_per_node"] > gpus:
         found.append(("distributed.processes_per_node", f"{cfg['processes_per_node']} processes but {gpus} visible "
                       "GPUs; use at most one process per GPU (CUDA_VISIBLE_DEVICES chooses which)"))
@@ -87,6 +97,21 @@ def problems(cfg: dict) -> list[tuple[str, str]]:
         found.append(("distributed.node_rank", f"is {cfg['node_rank']} but nodes is {cfg['nodes']}; node ranks run "
                       "from 0 to nodes - 1"))
     return found
+
+
+FSDP_WRAPPED_LAYERS = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]  # the model's _no_split_modules
+
+
+def fsdp_arguments(cfg: dict, gradient_checkpointing: bool) -> dict:
+    """TrainingArguments for the fsdp strategy (none otherwise). Each decoder layer and vision block is its own
+    FSDP2 unit, so both towers are sharded; checkpointing goes through FSDP's own activation checkpointing
+    (the trainer's would all-gather every layer's weights a second time in the backward pass)."""
+    if cfg is None or cfg["strategy"] != "fsdp":
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "transformer_layer_cls_to_wrap": FSDP_WRAPPED_LAYERS, "reshard_after_forward": True,
+        "activation_checkpointing": gradient_checkpointing, "cpu_offload": cfg["fsdp_cpu_offload"],
+        "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def launch_command(recipe_file: str, overrides: list[str], cfg: dict, extra: list[str]) -> list[str]:

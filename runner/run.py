@@ -91,7 +91,9 @@ def report(out_dir: Path, rows, eval_cfg: dict, image_column: str, after, before
 def preflight(recipe: dict) -> list[tuple[str, str]]:
     """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
     problems = backends.machine_problems(recipe["model"], recipe["train"])
-    problems += distributed.problems(distributed.resolve(recipe["distributed"]))
+    distributed_cfg = distributed.resolve(recipe["distributed"])
+    backend_name, _ = backends.select(recipe["model"]["backend"], distributed_cfg["strategy"])
+    problems += distributed.problems(distributed_cfg, backend_name, recipe["model"]["quantization"])
     for index, target in enumerate(recipe["export"]):
         if target["format"] == "gguf":
             from .gguf import GGUFError, llama_cpp_version
@@ -146,7 +148,8 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     for warning in install_sets.mismatches(recipe["install"]):
         log.warning("install set %s: %s", recipe["install"], warning)
 
-    backend_name, why = backends.select(recipe["model"]["backend"])
+    sharded = recipe["distributed"]["strategy"] == "fsdp"
+    backend_name, why = backends.select(recipe["model"]["backend"], recipe["distributed"]["strategy"])
     log.info("backend: %s (%s)", backend_name, why)
     backend = backends.load_backend(backend_name)
     timings: dict[str, float] = {}
@@ -155,7 +158,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     checkpointing = recipe["train"]["gradient_checkpointing"]  # Unsloth sets it up when loading
     with step("model", timings):
         try:
-            model, processor = backend.load(recipe["model"], checkpointing)
+            model, processor = backend.load(recipe["model"], checkpointing, sharded)
         except (OSError, ValueError) as error:  # not found, no network, gated, not a Qwen2.5-VL directory
             raise model_not_found(recipe["model"]["id"], error) from error
     with step("data", timings):
@@ -190,6 +193,9 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
                              "a checkpoint saved")
     if evaluating:
         with step("eval", timings):
+            if sharded:  # rank 0 holds only its shard of the weights: load the model whole, with the saved adapter
+                del model
+                model = with_adapter(backend.load(recipe["model"])[0], run_dir / "adapter")
             model = backend.prepare_for_inference(model)
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")
             metrics["eval"] = report(run_dir, eval_rows, eval_cfg, dataset["image_column"], after, before, data.base_dir)
@@ -207,6 +213,12 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log.info("metrics: %s", run_dir / "metrics.json")
+
+
+def with_adapter(model, adapter: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter))
 
 
 def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
@@ -234,11 +246,9 @@ def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
     eval_args = (eval_cfg, dataset["instruction"], (dataset["image_column"], dataset["text_column"]), data.base_dir)
     before = None
     if adapter is not None:
-        from peft import PeftModel
-
         if eval_cfg["compare_base"]:
             before = evaluate(model, processor, rows, *eval_args, out_dir / "predictions_base.jsonl", "base")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = with_adapter(model, adapter)
     elif eval_cfg["compare_base"]:
         log.info("eval: compare_base needs an adapter to compare against its base; skipped for a merged model")
     after = evaluate(model, processor, rows, *eval_args, out_dir / "predictions.jsonl", "eval")

@@ -65,7 +65,15 @@ def checked(trainer_class, counter: TokenCounter):
 
 
 class LogToFile(TrainerCallback):
-    """Copies the trainer's periodic logs (loss, learning rate, grad norm) into the run log."""
+    """Copies the trainer's periodic logs (loss, learning rate, grad norm) into the run log; says how FSDP sharded
+    the model, once it has."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tensors = list(model.parameters()) if model is not None else []
+        sharded = sum(type(tensor).__name__ == "DTensor" for tensor in tensors)
+        if sharded:
+            log.info("fsdp: %d of %d parameter tensors sharded across %d processes", sharded, len(tensors),
+                     distributed.world_size())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
@@ -135,6 +143,7 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
 
     timeout_minutes = distributed_cfg["timeout_minutes"] if distributed_cfg else 30
     cpu_group = distributed.world_size() > 1 and not torch.cuda.is_available()
+    sharded = bool(distributed_cfg) and distributed_cfg["strategy"] == "fsdp"
 
     bf16, fp16 = resolve_precision(cfg["precision"])
     return SFTConfig(
@@ -149,7 +158,7 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         optim=resolve_optimizer(cfg["optimizer"]),
         weight_decay=cfg["weight_decay"],
         max_grad_norm=cfg["max_grad_norm"],
-        gradient_checkpointing=cfg["gradient_checkpointing"] and trainer_checkpointing,
+        gradient_checkpointing=cfg["gradient_checkpointing"] and trainer_checkpointing and not sharded,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
         train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
         length_column_name="length",
@@ -177,6 +186,7 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         ddp_timeout=int(timeout_minutes * 60),
         ddp_backend="gloo" if cpu_group else None,
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
+        **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
     )
 
 
@@ -211,8 +221,11 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     if stop.interrupted:
         return {"interrupted": stop.interrupted, "step": trainer.state.global_step}
     adapter_dir = output_dir / "adapter"
-    if distributed.is_main():
+    if args.fsdp:  # each rank holds a shard of the adapter: all of them gather it, rank 0 writes it
+        trainer.save_model(str(adapter_dir))
+    elif distributed.is_main():
         trainer.model.save_pretrained(adapter_dir)
+    if distributed.is_main():
         processor.save_pretrained(adapter_dir)
         log.info("train: adapter saved to %s", adapter_dir)
     metrics = {**result.metrics, "speed": speed.figures(), "world_size": processes,

@@ -79,6 +79,15 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
      "4096 processes on a machine without a GPU"),
     (["distributed.strategy=ddp", "distributed.processes_per_node=3", "distributed.gpus_for_test=1"],
      "distributed.processes_per_node", "3 processes but 1 visible GPUs; use at most one process per GPU"),
+    (["distributed.strategy=fsdp", "distributed.processes_per_node=2"], "distributed.strategy",
+     "fsdp needs CUDA GPUs: accelerate runs CPU processes as plain DDP"),
+    (["distributed.strategy=fsdp", "distributed.processes_per_node=1", "model.backend=unsloth",
+      "distributed.gpus_for_test=1"], "distributed.strategy", "fsdp needs the transformers backend: Unsloth has no "
+     "FSDP path; set model.backend: transformers (or auto), or use strategy: ddp"),
+    (["distributed.strategy=fsdp", "distributed.processes_per_node=1", "model.quantization=8bit",
+      "distributed.gpus_for_test=1"], "distributed.strategy", "fsdp cannot shard 8-bit"),
+    (["distributed.strategy=ddp", "distributed.processes_per_node=2", "distributed.fsdp_cpu_offload=true"],
+     "distributed.fsdp_cpu_offload", "applies to strategy fsdp only, not ddp"),
 ])
 def test_invalid_combinations_fail_before_anything_launches(tmp_path, monkeypatch, overrides, key, message):
     gpus = 1 if "distributed.gpus_for_test=1" in overrides else 0
@@ -107,3 +116,18 @@ def test_the_section_defaults_to_one_process_and_takes_the_usual_environment_var
     assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=3" in command
     assert "--nnodes=2" in command and "--node_rank=1" in command and "--master_addr=10.0.0.5" in command
     assert command[-3:] == ["r.yaml", "--set", "train.max_steps=5"]
+
+
+def test_fsdp_wraps_each_decoder_layer_and_vision_block_and_auto_leaves_unsloth_out(tiny_assets):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from runner import backends
+
+    assert backends.select("auto", "fsdp")[0] == "transformers"
+    cfg = {**load_recipe(RECIPE)["distributed"], "strategy": "fsdp"}
+    arguments = distributed.fsdp_arguments(cfg, gradient_checkpointing=True)
+    assert arguments["fsdp"] is True and arguments["fsdp_config"]["activation_checkpointing"] is True
+    # The wrapped classes must be the model's own unsplittable modules, or FSDP would shard nothing per layer.
+    assert set(arguments["fsdp_config"]["transformer_layer_cls_to_wrap"]) == set(
+        Qwen2_5_VLForConditionalGeneration._no_split_modules)
+    assert distributed.fsdp_arguments({**cfg, "strategy": "ddp"}, True) == {}

@@ -17,10 +17,12 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def select(requested: str) -> tuple[str, str]:
-    """Returns (backend, why) for the recipe's `model.backend`."""
+def select(requested: str, strategy: str = "none") -> tuple[str, str]:
+    """Returns (backend, why) for the recipe's `model.backend` under the `distributed.strategy`."""
     if requested != "auto":
         return requested, "set in the recipe"
+    if strategy == "fsdp":
+        return "transformers", "auto: distributed.strategy is fsdp, which Unsloth does not support"
     if not cuda_available():
         return "transformers", "auto: no CUDA GPU (unsloth needs one)"
     if not unsloth_installed():

@@ -43,21 +43,24 @@ def warn_remote_code(model_cfg: dict) -> None:
                     model_cfg["id"])
 
 
-def quantization_config(model_cfg: dict, dtype: torch.dtype):
+def quantization_config(model_cfg: dict, dtype: torch.dtype, sharded: bool = False):
     from transformers import BitsAndBytesConfig
 
     if model_cfg["quantization"] == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP shards only floating-point tensors: packed 4-bit weights must be stored as the compute dtype
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
         )
     if model_cfg["quantization"] == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load(model_cfg: dict, gradient_checkpointing: bool = True):
-    """Returns (model, processor) for the `model` section (checkpointing is left to the trainer here)."""
+def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = False):
+    """Returns (model, processor) for the `model` section (checkpointing is left to the trainer here); `sharded`:
+    for training under FSDP."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtype = resolve_dtype(model_cfg["dtype"])
@@ -66,7 +69,7 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True):
     configure_processor(processor, model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         model_cfg["id"], dtype=dtype, attn_implementation=model_cfg["attn_implementation"],
-        quantization_config=quantization_config(model_cfg, dtype),
+        quantization_config=quantization_config(model_cfg, dtype, sharded),
         device_map={"": distributed.local_rank()} if torch.cuda.is_available() else None,  # one GPU per process
         trust_remote_code=model_cfg["trust_remote_code"],
         use_safetensors=True if model_cfg["safetensors_only"] else None,

@@ -23,8 +23,11 @@ log = logging.getLogger("runner")
 TRAINER_CHECKPOINTING = False
 
 
-def load(model_cfg: dict, gradient_checkpointing: bool = True):
-    """Returns (model, processor) for the `model` section."""
+def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = False):
+    """Returns (model, processor) for the `model` section. Unsloth has no FSDP path (`sharded`): the recipe checks
+    in runner/distributed.py refuse that combination before this runs."""
+    if sharded:
+        raise ValueError("Unsloth cannot train under FSDP; use the transformers backend or strategy ddp")
     # Unsloth's own generate forces a static KV cache and compiles the decode step for each new batch shape;
     # eval batches of formula crops all differ in prompt length, so it recompiles batch after batch
     # (docs/benchmarks.md: eval). transformers' generate with a dynamic cache is used instead; set the variable
