@@ -93,6 +93,7 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
         click.echo(f"launching {recipe['distributed']['processes_per_node']} processes x "
                    f"{recipe['distributed']['nodes']} node(s) through torchrun; rank 0 writes {run_dir}")
         sys.exit(distributed.launch(file, overrides, recipe["distributed"], run_dir, extra))
+    distributed.bind_gpu()
     try:
         run_dir = run_recipe(recipe, resume_dir)
     except RunInterrupted as stopped:

@@ -44,6 +44,26 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def bind_gpu() -> None:
+    """Makes this process's GPU (its local rank) the current CUDA device before any model code runs: libraries
+    that place tensors on "the current device" (Unsloth among them) would otherwise put every rank on GPU 0."""
+    import torch
+
+    if launched() and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def check_placement(model) -> None:
+    """Fails fast if a launched process's model is not on its own GPU (every rank would share one otherwise)."""
+    import torch
+
+    if not (launched() and torch.cuda.is_available()):
+        return
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    if devices != {torch.device("cuda", local_rank())}:
+        raise RuntimeError(f"rank {rank()}: model on {sorted(map(str, devices))}, expected cuda:{local_rank()} only")
+
+
 def visible_gpus() -> int:
     import torch
 

@@ -161,6 +161,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
             model, processor = backend.load(recipe["model"], checkpointing, sharded)
         except (OSError, ValueError) as error:  # not found, no network, gated, not a Qwen2.5-VL directory
             raise model_not_found(recipe["model"]["id"], error) from error
+        distributed.check_placement(model)
     with step("data", timings):
         from .data import prepare
 

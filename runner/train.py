@@ -146,7 +146,7 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
     sharded = bool(distributed_cfg) and distributed_cfg["strategy"] == "fsdp"
 
     bf16, fp16 = resolve_precision(cfg["precision"])
-    return SFTConfig(
+    config = SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg["max_steps"] if cfg["max_steps"] is not None else -1,
         num_train_epochs=cfg["epochs"],
@@ -188,6 +188,13 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
         **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
     )
+    if not distributed.launched() and config.n_gpu > 1:
+        # One process on a machine with several GPUs: the trainer would wrap the model in nn.DataParallel, which
+        # trl refuses. The model sits on GPU 0; `recipe run --gpus N` trains on N of them with DDP.
+        log.info("train: one process uses GPU 0 of the %d visible; `--gpus %d` trains on all of them", config.n_gpu,
+                 config.n_gpu)
+        config._n_gpu = 1
+    return config
 
 
 def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
