@@ -18,6 +18,10 @@ run recipe *args:
 eval target recipe *args:
     {{python}} -m runner eval {{target}} --recipe {{recipe}} {{args}}
 
+# DPO pairs from a run's mistakes on training rows: `just pairs runs/memorize-tiny --out runs/pairs.parquet`
+pairs target *args:
+    {{python}} -m runner pairs {{target}} {{args}}
+
 # Export the latest run of a recipe (or a given run directory) without retraining: `just export recipes/x.yaml gguf`
 export run format *args:
     {{python}} -m runner export {{run}} --format {{format}} {{args}}

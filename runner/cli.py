@@ -165,6 +165,41 @@ def eval_command(target: Path, recipe_file: str, out: Path | None, overrides: tu
         sys.exit(1)
 
 
+@main.command("pairs")
+@click.argument("target", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--recipe", "recipe_file", default=None, type=click.Path(), help="Recipe whose model and dataset to "
+              "use (default: TARGET's recipe.resolved.yaml).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Parquet file to write (default: TARGET/pairs.parquet).")
+@SET_OPTION
+def pairs_command(target: Path, recipe_file: str | None, out: Path | None, overrides: tuple[str, ...]) -> None:
+    """DPO pairs from TARGET's mistakes: its adapter answers the training rows (up to eval.max_samples, eval's batch
+    and token limits) and each wrong answer becomes (image, chosen = reference, rejected = the answer)."""
+    from .pairs import make_pairs
+    from .run import adapter_dir, preflight, setup_logging
+
+    if not (target / "recipe.resolved.yaml").is_file() and adapter_dir(target) is not None:
+        target = adapter_dir(target).parent  # a recipe's runs directory: its newest run
+    recipe_file = recipe_file or str(target / "recipe.resolved.yaml")
+    try:
+        recipe = load_recipe(recipe_file, list(overrides))
+    except RecipeError as error:
+        _fail(error.problems)
+    problems = [Problem(recipe_file, p, m) for p, m in preflight(recipe) if p.startswith(("model.id", "model.backend",
+                                                                                          "model.quantization"))]
+    if problems:
+        _fail(problems)
+    out = out or target / "pairs.parquet"
+    setup_logging()
+    try:
+        counts = make_pairs(recipe, target, out)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        click.echo(f"{target}: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"done: {out} ({counts['pairs']} pairs from {counts['rows']} training rows; {counts['right']} answered "
+               f"right and left out); train on them with train.method=dpo and dpo.pairs={out}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "formats", multiple=True, required=True, type=click.Choice(["lora", "merged_16bit", "gguf"]),

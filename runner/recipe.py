@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from .recipe_file import Problem, RecipeError, RecipeLoader, parse_yaml, read_text  # noqa: F401 (the public names)
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SECTIONS = ("model", "dataset", "lora", "train", "eval", "export", "distributed")
+SECTIONS = ("model", "dataset", "lora", "train", "grpo", "dpo", "eval", "export", "distributed")
 
 
 def load_schema() -> dict:
@@ -172,6 +172,30 @@ def _cross_checks(recipe: dict) -> list[tuple[tuple, str]]:
     low, high = model.get("image_min_pixels"), model.get("image_max_pixels")
     if isinstance(low, int) and isinstance(high, int) and low > high:
         problems.append((("model", "image_min_pixels"), f"is larger than image_max_pixels ({low} > {high})"))
+    problems += _method_checks(section("train"), section("grpo"), section("dpo"), section("distributed"))
+    return problems
+
+
+def _method_checks(train: dict, grpo: dict, dpo: dict, distributed: dict) -> list[tuple[tuple, str]]:
+    """What GRPO and DPO need beyond their sections' own types."""
+    problems, method = [], train.get("method", "sft")
+    if method == "grpo":
+        rewards = grpo.get("rewards", {})
+        if isinstance(rewards, dict) and rewards and all(isinstance(w, (int, float)) and w == 0 for w in rewards.values()):
+            problems.append((("grpo", "rewards"), "every reward weight is 0: nothing to learn from; give at least one "
+                             "a weight above 0"))
+        generations, batch, steps = grpo.get("num_generations", 8), train.get("batch_size", 2), \
+            train.get("gradient_accumulation_steps", 1)
+        processes = distributed.get("processes_per_node", 1) if distributed.get("strategy", "none") != "none" else 1
+        processes = (processes if isinstance(processes, int) else 1) * (distributed.get("nodes", 1) or 1)
+        if all(isinstance(v, int) and v > 0 for v in (generations, batch, steps)) and \
+                (batch * steps * processes) % generations:
+            problems.append((("grpo", "num_generations"), f"{generations} does not divide the {batch * steps * processes} "
+                             f"answers generated per step (train.batch_size {batch} x gradient_accumulation_steps "
+                             f"{steps} x {processes} process(es)); every image needs all its answers in the same step"))
+    if method == "dpo" and dpo.get("pairs", None) is None:
+        problems.append((("dpo", "pairs"), "train.method is dpo but there are no pairs: set dpo.pairs to a parquet of "
+                         "image, chosen, rejected, e.g. one made by `recipe pairs RUN_DIR`"))
     return problems
 
 

@@ -3,8 +3,8 @@
     recipe  -> plan (resolved recipe, logged and saved in the run directory)
             -> model   (backend.load:        model section)
             -> data    (data.prepare:        dataset section)
-            -> lora    (backend.attach_lora: lora section)
-            -> train   (train.train:         train section)
+            -> lora    (backend.attach_lora: lora section, or model.adapter to continue an earlier adapter)
+            -> train   (train.train:         train section; grpo.train_grpo / dpo.train_dpo with their sections)
             -> eval    (evaluate.evaluate:   eval section)
             -> export  (export.export:       export section)
 
@@ -92,7 +92,7 @@ def preflight(recipe: dict) -> list[tuple[str, str]]:
     """What stops this recipe on this machine, found before any step starts: (key path, message) pairs."""
     problems = backends.machine_problems(recipe["model"], recipe["train"])
     distributed_cfg = distributed.resolve(recipe["distributed"])
-    backend_name, _ = backends.select(recipe["model"]["backend"], distributed_cfg["strategy"])
+    backend_name, _ = backends.select(recipe["model"]["backend"], distributed_cfg["strategy"], recipe["train"]["method"])
     problems += distributed.problems(distributed_cfg, backend_name, recipe["model"]["quantization"])
     for index, target in enumerate(recipe["export"]):
         if target["format"] == "gguf":
@@ -102,6 +102,9 @@ def preflight(recipe: dict) -> list[tuple[str, str]]:
                 llama_cpp_version()
             except GGUFError as error:
                 problems.append((f"export.{index}.format", str(error)))
+    if recipe["model"]["adapter"] and adapter_dir(recipe["model"]["adapter"]) is None:
+        problems.append(("model.adapter", f"{recipe['model']['adapter']} holds no LoRA adapter (no adapter_config.json "
+                         "in it or in its adapter/); give a run directory or a LoRA export"))
     model_id = Path(recipe["model"]["id"])
     if model_id.parts[:2] == ("assets", "tiny") and not model_id.exists():
         problems.append(("model.id", f"{model_id} does not exist yet; build it with `recipe tiny` (or `just setup`)"))
@@ -149,7 +152,8 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
         log.warning("install set %s: %s", recipe["install"], warning)
 
     sharded = recipe["distributed"]["strategy"] == "fsdp"
-    backend_name, why = backends.select(recipe["model"]["backend"], recipe["distributed"]["strategy"])
+    backend_name, why = backends.select(recipe["model"]["backend"], recipe["distributed"]["strategy"],
+                                        recipe["train"]["method"])
     log.info("backend: %s (%s)", backend_name, why)
     backend = backends.load_backend(backend_name)
     timings: dict[str, float] = {}
@@ -174,21 +178,22 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
         log.info("eval: skipped, the dataset has no evaluation rows (set dataset.eval_split or eval_fraction)")
     eval_args = (eval_cfg, dataset["instruction"], (dataset["image_column"], dataset["text_column"]), data.base_dir)
     evaluating = evaluating and distributed.is_main()  # rank 0 evaluates the whole model; the others are done
+    start_adapter = recipe["model"]["adapter"]
+    if start_adapter:  # continue an earlier adapter; "before" below is then that adapter, not the bare base model
+        with step("adapter", timings):
+            model = with_adapter(model, adapter_dir(start_adapter), trainable=True)
     before = None
     if evaluating and eval_cfg["compare_base"]:
         with step("eval-base", timings):
             model = backend.prepare_for_inference(model)
-            before = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions_base.jsonl", "base")
-    with step("lora", timings):
-        model = backend.attach_lora(model, recipe["lora"], checkpointing)
+            before = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions_base.jsonl",
+                              "start" if start_adapter else "base")
+    if not start_adapter:
+        with step("lora", timings):
+            model = backend.attach_lora(model, recipe["lora"], checkpointing)
     with step("train", timings):
-        from .train import VisionCollator, train
-
-        collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"],
-                                  dataset["text_column"], data.base_dir)
-        metrics["train"] = train(model, processor, data, recipe["train"], collator, run_dir,
-                                 recipe["model"]["max_seq_length"], backend.TRAINER_CHECKPOINTING, checkpoint,
-                                 recipe["distributed"])
+        metrics["train"] = train_step(recipe, model, processor, data, run_dir, backend.TRAINER_CHECKPOINTING,
+                                      checkpoint)
     if "interrupted" in metrics["train"]:
         raise RunInterrupted(f"{metrics['train']['interrupted']}: stopped after step {metrics['train']['step']} with "
                              "a checkpoint saved")
@@ -216,15 +221,49 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     log.info("metrics: %s", run_dir / "metrics.json")
 
 
-def with_adapter(model, adapter: Path):
+def train_step(recipe: dict, model, processor, data, run_dir: Path, trainer_checkpointing: bool,
+               checkpoint: Path | None) -> dict:
+    """The train step of `train.method`: SFT on the rows, GRPO with the `grpo` rewards, or DPO on the `dpo` pairs."""
+    train_cfg, dataset, distributed_cfg = recipe["train"], recipe["dataset"], recipe["distributed"]
+    common = dict(trainer_checkpointing=trainer_checkpointing, resume_from=checkpoint, distributed_cfg=distributed_cfg)
+    if train_cfg["method"] == "grpo":
+        from .grpo import train_grpo
+
+        return train_grpo(model, processor, data, train_cfg, recipe["grpo"], dataset, run_dir, data.base_dir, **common)
+    if train_cfg["method"] == "dpo":
+        from .dpo import train_dpo
+
+        return train_dpo(model, processor, train_cfg, recipe["dpo"], dataset["instruction"],
+                         recipe["model"]["max_seq_length"], run_dir, data.base_dir, **common)
+    from .train import VisionCollator, train
+
+    collator = VisionCollator(processor, dataset["instruction"], dataset["image_column"], dataset["text_column"],
+                              data.base_dir)
+    return train(model, processor, data, train_cfg, collator, run_dir, recipe["model"]["max_seq_length"], **common)
+
+
+def adapter_dir(target: str | Path) -> Path | None:
+    """The LoRA adapter in `target`: a run directory's `adapter/`, `target` itself (a LoRA export), or the newest
+    run's adapter in a recipe's runs directory (`runs/<name>`); None if there is none."""
+    target = Path(target).expanduser()
+    found = next((d for d in (target / "adapter", target) if (d / "adapter_config.json").is_file()), None)
+    if found is None and target.is_dir():
+        runs = sorted(d / "adapter" for d in target.iterdir() if (d / "adapter" / "adapter_config.json").is_file())
+        found = runs[-1] if runs else None  # run directories are named by their start time
+    return found
+
+
+def with_adapter(model, adapter: Path, trainable: bool = False):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter))
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    log.info("adapter %s loaded%s", adapter, " to keep training" if trainable else "")
+    return model
 
 
 def run_eval(recipe: dict, target: Path, out_dir: Path | None = None) -> Path:
     """`recipe eval`: evaluates a finished run directory, a LoRA export or a merged model on the recipe's rows."""
-    adapter = next((d for d in (target / "adapter", target) if (d / "adapter_config.json").exists()), None)
+    adapter = adapter_dir(target)
     if adapter is None and not (target / "config.json").exists():
         raise FileNotFoundError(f"{target}: neither a run directory, a LoRA adapter nor a model directory")
     out_dir = out_dir or target / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

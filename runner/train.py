@@ -43,6 +43,8 @@ class TokenCounter:
         self.samples, self.real_tokens, self.padded_tokens = 0, 0, 0
 
     def count(self, batch: dict) -> None:
+        if "attention_mask" not in batch:  # GRPO's batches are prompts and sampled answers, counted by trl itself
+            return
         mask = batch["attention_mask"]
         self.samples += mask.shape[0]
         self.real_tokens += int(mask.sum())
@@ -136,17 +138,14 @@ def resolve_optimizer(name: str) -> str:
     return name
 
 
-def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpointing: bool = True,
-               distributed_cfg: dict | None = None):
-    """Maps the `train` (and `distributed`) sections onto trl's SFTConfig, with what vision training requires."""
-    from trl import SFTConfig
-
+def trainer_arguments(cfg: dict, output_dir: Path, trainer_checkpointing: bool = True,
+                      distributed_cfg: dict | None = None) -> dict:
+    """The `train` (and `distributed`) sections as TrainingArguments keywords, shared by SFT, GRPO and DPO."""
     timeout_minutes = distributed_cfg["timeout_minutes"] if distributed_cfg else 30
     cpu_group = distributed.world_size() > 1 and not torch.cuda.is_available()
     sharded = bool(distributed_cfg) and distributed_cfg["strategy"] == "fsdp"
-
     bf16, fp16 = resolve_precision(cfg["precision"])
-    config = SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         max_steps=cfg["max_steps"] if cfg["max_steps"] is not None else -1,
         num_train_epochs=cfg["epochs"],
@@ -160,12 +159,10 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         max_grad_norm=cfg["max_grad_norm"],
         gradient_checkpointing=cfg["gradient_checkpointing"] and trainer_checkpointing and not sharded,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg["gradient_checkpointing"] else None,
-        train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
-        length_column_name="length",
         bf16=bf16,
         fp16=fp16,
         logging_steps=cfg["logging_steps"],
-        report_to=[],  # TensorBoard is attached in train() so its events land in the run directory
+        report_to=[],  # TensorBoard is attached in callbacks() so its events land in the run directory
         save_strategy="steps" if cfg["save_steps"] else "no",
         save_steps=cfg["save_steps"] or 500,
         save_total_limit=cfg["save_total_limit"],
@@ -173,11 +170,8 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         data_seed=cfg["seed"],
         dataloader_num_workers=cfg["dataloader_workers"],
         dataloader_pin_memory=torch.cuda.is_available(),
-        # Vision rows are encoded on the fly by the collator: trl must neither tokenize nor drop columns.
+        # Vision rows are encoded on the fly (collator or trainer): trl must not drop the image column.
         remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=max_seq_length,
-        packing=False,
         eval_strategy="no",
         disable_tqdm=not distributed.is_main(),
         # Under DDP: every LoRA parameter gets a gradient each step (and reentrant checkpointing with LoRA fails
@@ -188,39 +182,56 @@ def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpo
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
         **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
     )
+
+
+def one_gpu_per_process(config):
+    """One process on a machine with several GPUs: the trainer would wrap the model in nn.DataParallel, which trl
+    refuses. The model sits on GPU 0; `recipe run --gpus N` trains on N of them with DDP."""
     if not distributed.launched() and config.n_gpu > 1:
-        # One process on a machine with several GPUs: the trainer would wrap the model in nn.DataParallel, which
-        # trl refuses. The model sits on GPU 0; `recipe run --gpus N` trains on N of them with DDP.
         log.info("train: one process uses GPU 0 of the %d visible; `--gpus %d` trains on all of them", config.n_gpu,
                  config.n_gpu)
         config._n_gpu = 1
     return config
 
 
-def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
-          trainer_checkpointing: bool = True, resume_from: Path | None = None, distributed_cfg: dict | None = None):
-    """Runs the train step (from `resume_from`, a checkpoint, if given); returns the trainer's final metrics, with
-    `interrupted` naming the signal that stopped it early. The final adapter goes to `output_dir/adapter`."""
+def sft_config(cfg: dict, output_dir: Path, max_seq_length: int, trainer_checkpointing: bool = True,
+               distributed_cfg: dict | None = None):
+    """Maps the `train` (and `distributed`) sections onto trl's SFTConfig, with what vision training requires."""
+    from trl import SFTConfig
+
+    return one_gpu_per_process(SFTConfig(
+        **trainer_arguments(cfg, output_dir, trainer_checkpointing, distributed_cfg),
+        train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
+        length_column_name="length",
+        # The collator encodes rows itself: trl must not tokenize them.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=max_seq_length,
+        packing=False,
+    ))
+
+
+def callbacks(train_cfg: dict, output_dir: Path, counter: TokenCounter) -> tuple[SpeedMeter, StopOnSignal, list]:
+    """The speed meter, the signal handler and every callback a training run gets; logs the global batch."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
-    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing, distributed_cfg)
-    counter = TokenCounter()
     processes = distributed.world_size()
     speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"] * processes)
     stop = StopOnSignal()
-    callbacks = [speed, SaveEveryMinutes(train_cfg["save_every_minutes"]), stop]
+    every = [speed, SaveEveryMinutes(train_cfg["save_every_minutes"]), stop]
     if distributed.is_main():  # rank 0 alone writes the run directory's log, TensorBoard events and status
         tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
-        callbacks = [LogToFile(), tensorboard, RecordStatus(output_dir), *callbacks]
+        every = [LogToFile(), tensorboard, RecordStatus(output_dir), *every]
     log.info("train: global batch %d = batch_size %d x gradient_accumulation_steps %d x %d process%s",
              speed.samples_per_step, train_cfg["batch_size"], train_cfg["gradient_accumulation_steps"], processes,
              "es" * (processes != 1))
-    trainer = checked(SFTTrainer, counter)(
-        model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
-        callbacks=callbacks,
-    )
+    return speed, stop, every
+
+
+def fit(trainer, processor, output_dir: Path, speed: SpeedMeter, stop: StopOnSignal,
+        resume_from: Path | None = None) -> dict:
+    """Trains (from `resume_from`, a checkpoint, if given), saves the adapter to `output_dir/adapter` and returns
+    the trainer's metrics with speed and losses; `interrupted` names the signal that stopped it early."""
     if resume_from is not None:
         log.info("train: resuming from %s (optimizer, schedule, RNG and data position restored)", resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -228,17 +239,35 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     if stop.interrupted:
         return {"interrupted": stop.interrupted, "step": trainer.state.global_step}
     adapter_dir = output_dir / "adapter"
-    if args.fsdp:  # each rank holds a shard of the adapter: all of them gather it, rank 0 writes it
+    if trainer.args.fsdp:  # each rank holds a shard of the adapter: all of them gather it, rank 0 writes it
         trainer.save_model(str(adapter_dir))
     elif distributed.is_main():
         trainer.model.save_pretrained(adapter_dir)
     if distributed.is_main():
         processor.save_pretrained(adapter_dir)
         log.info("train: adapter saved to %s", adapter_dir)
-    metrics = {**result.metrics, "speed": speed.figures(), "world_size": processes,
+    metrics = {**result.metrics, "speed": speed.figures(), "world_size": distributed.world_size(),
                "global_batch": speed.samples_per_step}
     log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items() if v is not None))
     if history:
         metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]
         metrics["losses"] = {entry["step"]: entry["loss"] for entry in history}
+    metrics["log_history"] = history
+    return metrics
+
+
+def train(model, processor, data, train_cfg: dict, collator: VisionCollator, output_dir: Path, max_seq_length: int,
+          trainer_checkpointing: bool = True, resume_from: Path | None = None, distributed_cfg: dict | None = None):
+    """The SFT train step: trl's SFTTrainer on the rows, through the runner's collator (answer-only labels)."""
+    from trl import SFTTrainer
+
+    args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing, distributed_cfg)
+    counter = TokenCounter()
+    speed, stop, every = callbacks(train_cfg, output_dir, counter)
+    trainer = checked(SFTTrainer, counter)(
+        model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
+        callbacks=every,
+    )
+    metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)
+    metrics.pop("log_history", None)
     return metrics

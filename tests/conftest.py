@@ -53,3 +53,34 @@ def memorized(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     (run_dir,) = list((work / "runs").glob("*/*"))
     exports = work / "exports" / "memorize-tiny"
     return {"run": run_dir, "work": work, **{f: exports / f for f in ("lora", "merged_16bit", "gguf")}}
+
+
+def run_cli(args: list[str], cwd: Path | None = None):
+    """`recipe ARGS` in this process (so a test can patch what it runs); returns click's result."""
+    import os
+
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    previous = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def half_trained(tiny_assets, tmp_path_factory) -> Path:
+    """memorize_tiny stopped at 110 of 200 steps: 7 of its 16 formulas right, the start of the GRPO and DPO tests.
+    Returns the run directory."""
+    work = tmp_path_factory.mktemp("half_trained")
+    args = ["run", str(REPO / "recipes" / "memorize_tiny.yaml"), "--set", "train.max_steps=110"]
+    for override in smoke_overrides(tiny_assets, work / "runs"):
+        args += ["--set", override]
+    result = run_cli(args, cwd=work)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list((work / "runs").glob("*/*"))
+    return run_dir

@@ -17,8 +17,12 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def select(requested: str, strategy: str = "none") -> tuple[str, str]:
-    """Returns (backend, why) for the recipe's `model.backend` under the `distributed.strategy`."""
+def select(requested: str, strategy: str = "none", method: str = "sft") -> tuple[str, str]:
+    """Returns (backend, why) for the recipe's `model.backend` under the `distributed.strategy` and `train.method`."""
+    if method != "sft" and requested != "transformers":
+        # Unsloth's GRPO for vision models generates through vLLM (fast_inference), which the runner does not use;
+        # its patches are not tested under trl's GRPO and DPO trainers here.
+        return "transformers", f"{method} runs on transformers + peft + trl (Unsloth's path for it is not supported here)"
     if requested != "auto":
         return requested, "set in the recipe"
     if strategy == "fsdp":
