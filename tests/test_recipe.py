@@ -82,7 +82,7 @@ def test_all_problems_are_reported_together_with_positions_and_suggestions(tmp_p
         "R:6:3: lora.r: expected integer, got string 'many'",
         "R:8:3: train.max_steps: must be >= 1, got 0",
         "R:9:1: evl: unknown key (did you mean 'eval'?); allowed keys: name, install, output_dir, model, dataset, "
-        "lora, train, eval, export, distributed",
+        "lora, train, grpo, dpo, eval, export, distributed",
     ]
 
 
@@ -97,7 +97,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     assert problems == [
         "--set nokey: <recipe>: expected KEY.PATH=VALUE, for example train.max_steps=5",
         "--set train.batch_size=two: train.batch_size: expected integer, got string 'two'",
-        "--set train.lr=1e-4: train.lr: unknown key (did you mean 'learning_rate'?); allowed keys: max_steps, epochs, "
+        "--set train.lr=1e-4: train.lr: unknown key (did you mean 'learning_rate'?); allowed keys: method, max_steps, epochs, "
         "batch_size, gradient_accumulation_steps, group_by_length, learning_rate, lr_scheduler, warmup_steps, optimizer, weight_decay, "
         "max_grad_norm, gradient_checkpointing, precision, logging_steps, save_steps, save_every_minutes, save_total_limit, seed, "
         "dataloader_workers",
