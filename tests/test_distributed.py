@@ -131,3 +131,12 @@ def test_fsdp_wraps_each_decoder_layer_and_vision_block_and_auto_leaves_unsloth_
     assert set(arguments["fsdp_config"]["transformer_layer_cls_to_wrap"]) == set(
         Qwen2_5_VLForConditionalGeneration._no_split_modules)
     assert distributed.fsdp_arguments({**cfg, "strategy": "ddp"}, True) == {}
+
+
+def test_one_process_on_a_machine_with_several_gpus_trains_on_one_instead_of_dataparallel(tmp_path):
+    from runner.train import one_gpu_per_process, sft_config
+
+    train = load_recipe(RECIPE)["train"]
+    config = sft_config(train, tmp_path, 256)
+    config._n_gpu = 2  # what the trainer would see on a 2-GPU machine, where it would wrap nn.DataParallel
+    assert one_gpu_per_process(config).n_gpu == 1

@@ -160,3 +160,20 @@ def test_run_refuses_gguf_export_without_llama_cpp_before_training(monkeypatch):
     recipe = load_recipe(REPO / "recipes" / "smoke_tiny.yaml", ["export=[{format: lora}, {format: gguf}]"])
     assert ("export.1.format", "GGUF needs llama-cpp-python, which is not installed: run `just setup cpu gguf`") \
         in preflight(recipe)
+
+
+def test_model_adapter_finds_a_run_an_export_or_the_newest_run_of_a_runs_directory(tmp_path):
+    from runner.run import adapter_dir
+
+    def adapter(path: Path) -> Path:
+        path.mkdir(parents=True)
+        (path / "adapter_config.json").write_text("{}")
+        return path
+
+    older = adapter(tmp_path / "runs" / "x" / "20261129-090000" / "adapter")
+    newer = adapter(tmp_path / "runs" / "x" / "20261129-100000" / "adapter")
+    (tmp_path / "runs" / "x" / "20261129-110000").mkdir()  # a run that never saved an adapter
+    export = adapter(tmp_path / "exports" / "x" / "lora")
+    assert adapter_dir(older.parent) == older and adapter_dir(export) == export
+    assert adapter_dir(tmp_path / "runs" / "x") == newer
+    assert adapter_dir(tmp_path / "exports") is None and adapter_dir(tmp_path / "missing") is None
