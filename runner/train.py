@@ -242,7 +242,10 @@ def fit(trainer, processor, output_dir: Path, speed: SpeedMeter, stop: StopOnSig
     if trainer.args.fsdp:  # each rank holds a shard of the adapter: all of them gather it, rank 0 writes it
         trainer.save_model(str(adapter_dir))
     elif distributed.is_main():
-        trainer.model.save_pretrained(adapter_dir)
+        # GRPO and DPO add a frozen "ref" copy of the starting adapter as their reference: save only the trained one
+        adapters = list(getattr(trainer.model, "peft_config", {}))
+        selected = {"selected_adapters": ["default"]} if len(adapters) > 1 and "default" in adapters else {}
+        trainer.model.save_pretrained(adapter_dir, **selected)
     if distributed.is_main():
         processor.save_pretrained(adapter_dir)
         log.info("train: adapter saved to %s", adapter_dir)

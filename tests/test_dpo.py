@@ -41,6 +41,7 @@ def test_pairs_from_a_runs_mistakes_then_dpo_widens_the_preference_margin(tiny_a
     assert abs(margins[1]) < 1e-4, margins
     assert metrics["train"]["final_margin"] > 1.0 and max(margins.values()) == max(margins[s] for s in range(7, 13))
     assert {"before", "after"} <= set(metrics["eval"])
+    assert not (run_dir / "adapter" / "ref").exists()  # trl's frozen reference copy is not part of the result
 
 
 @pytest.mark.parametrize("overrides, message", [
