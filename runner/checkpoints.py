@@ -54,6 +54,23 @@ def resumable_run(output_dir: str, name: str) -> Path | None:
     return None
 
 
+def run_to_resume(recipe: dict, resume: str) -> Path:
+    """`--resume`'s run directory: the newest unfinished run of the recipe ("latest") or the one given; raises
+    ValueError saying why there is none."""
+    if resume == "latest":
+        run_dir = resumable_run(recipe["output_dir"], recipe["name"])
+        if run_dir is None:
+            raise ValueError(f"no unfinished run with a checkpoint under {recipe['output_dir']}/{recipe['name']}/ "
+                             "to resume")
+        return run_dir
+    run_dir = Path(resume)
+    if not (run_dir / "recipe.resolved.yaml").is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no recipe.resolved.yaml)")
+    if effective_state(read_status(run_dir)) == "done":
+        raise ValueError(f"{run_dir}: this run finished; there is nothing to resume")
+    return run_dir
+
+
 class SaveEveryMinutes(TrainerCallback):
     """Asks the trainer for a checkpoint whenever `minutes` have passed since the last one (or the start)."""
 

@@ -82,7 +82,15 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
         recipe["distributed"]["strategy"] = "ddp"
     resume_dir = None
     if resume is not None:
-        resume_dir, recipe = _resumable(file, recipe, resume, overrides)
+        from .checkpoints import run_to_resume
+
+        try:
+            resume_dir = run_to_resume(recipe, resume)
+            recipe = load_recipe(resume_dir / "recipe.resolved.yaml", overrides)  # as it ran, plus any --set
+        except ValueError as error:
+            raise click.ClickException(f"{file}: {error}" if resume == "latest" else str(error))
+        except RecipeError as error:
+            _fail(error.problems)
     problems = [Problem(file, path, message) for path, message in preflight(recipe)]
     if problems:
         _fail(problems)
@@ -104,28 +112,6 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
         sys.exit(1)
     if distributed.is_main():
         click.echo(f"done: {run_dir}")
-
-
-def _resumable(file: str, recipe: dict, resume: str, overrides: list[str]) -> tuple[Path, dict]:
-    """The run directory to resume and the recipe it ran with (its saved resolved recipe, plus any --set)."""
-    from .checkpoints import resumable_run
-    from .status import effective_state, read_status
-
-    if resume == "latest":
-        run_dir = resumable_run(recipe["output_dir"], recipe["name"])
-        if run_dir is None:
-            raise click.ClickException(f"{file}: no unfinished run with a checkpoint under "
-                                       f"{recipe['output_dir']}/{recipe['name']}/ to resume")
-    else:
-        run_dir = Path(resume)
-        if not (run_dir / "recipe.resolved.yaml").is_file():
-            raise click.ClickException(f"{run_dir}: not a run directory (no recipe.resolved.yaml)")
-        if effective_state(read_status(run_dir)) == "done":
-            raise click.ClickException(f"{run_dir}: this run finished; there is nothing to resume")
-    try:
-        return run_dir, load_recipe(run_dir / "recipe.resolved.yaml", overrides)
-    except RecipeError as error:
-        _fail(error.problems)
 
 
 @main.command()
@@ -213,14 +199,14 @@ def export_command(run_dir: Path, formats: tuple[str, ...], quantizations: tuple
     import yaml
 
     from .export import export
-    from .run import setup_logging
+    from .run import adapter_dir, setup_logging
 
     if run_dir.is_file():
         recipe = load_recipe(run_dir)
-        runs = sorted((Path(recipe["output_dir"]) / recipe["name"]).glob("*/adapter/adapter_config.json"))
-        if not runs:
+        adapter = adapter_dir(Path(recipe["output_dir"]) / recipe["name"])  # its newest run with an adapter
+        if adapter is None:
             raise click.ClickException(f"{run_dir}: no finished run under {recipe['output_dir']}/{recipe['name']}/")
-        run_dir = runs[-1].parent.parent
+        run_dir = adapter.parent
 
     resolved = run_dir / "recipe.resolved.yaml"
     if not (run_dir / "adapter" / "adapter_config.json").exists() or not resolved.exists():
