@@ -72,6 +72,16 @@ def run_cli(args: list[str], cwd: Path | None = None):
         os.chdir(previous)
 
 
+def refused_output(recipe: str, overrides: list[str], tmp_path: Path) -> str:
+    """`recipe run RECIPE --set ...`, which must fail before anything runs (no run directory); returns its output."""
+    args = ["run", recipe, "--set", f"output_dir={tmp_path / 'runs'}"]
+    for override in overrides:
+        args += ["--set", override]
+    result = run_cli(args)
+    assert result.exit_code == 1 and not (tmp_path / "runs").exists(), result.output
+    return result.output
+
+
 @pytest.fixture(scope="session")
 def half_trained(tiny_assets, tmp_path_factory) -> Path:
     """memorize_tiny stopped at 110 of 200 steps: 7 of its 16 formulas right, the start of the GRPO and DPO tests.
