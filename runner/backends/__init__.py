@@ -1,5 +1,5 @@
 """Training stacks. A backend loads the model and processor (`load`) and attaches LoRA (`attach_lora`);
-training itself is trl's SFTTrainer for every backend (runner/train.py)."""
+training itself is trl's trainers (runner/train.py for SFT; runner/grpo.py and runner/dpo.py, transformers only)."""
 
 from __future__ import annotations
 
