@@ -55,6 +55,15 @@ def reward_function(name: str, stop_ids: set[int]):
     return reward
 
 
+def left_padding(processor):
+    """trl left-pads the prompt ids it generates from, but encodes the prompts again for the loss with the
+    processor's own padding side. Padded on the right, mm_token_type_ids then slide against the ids wherever one
+    step's images differ in size, and Qwen2.5-VL's mRoPE index fails ("shape mismatch", trl#5785; 7B on the H200 at
+    step 2). The runner's own batches pad explicitly (runner/prompt.py), so this changes nothing else."""
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
 def grpo_config(train_cfg: dict, grpo_cfg: dict, output_dir: Path, trainer_checkpointing: bool, distributed_cfg):
     from trl import GRPOConfig
 
@@ -102,7 +111,7 @@ def train_grpo(model, processor, data, train_cfg: dict, grpo_cfg: dict, dataset_
     counter = TokenCounter()
     speed, stop, every = callbacks(train_cfg, output_dir, counter)
     trainer = checked(GRPOTrainer, counter)(
-        model=model, args=args, train_dataset=rows, processing_class=processor,
+        model=model, args=args, train_dataset=rows, processing_class=left_padding(processor),
         reward_funcs=[reward_function(name, stop_ids) for name in names], callbacks=every,
     )
     metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)

@@ -78,3 +78,22 @@ def test_rewards_score_trl_completions_and_length_and_stop_sees_the_end_token():
 def test_bad_grpo_settings_fail_before_anything_runs(tmp_path, overrides, message):
     output = refused_output(RECIPE, overrides, tmp_path)
     assert message in output, output
+
+
+def test_trl_encodes_grpo_prompts_again_with_the_padding_of_the_ids_it_generated_from(tiny_assets):
+    """trl generates from left-padded prompt ids and encodes the prompts again (processor, padding=True) for the
+    loss; both must line up token for token, mm_token_type_ids included, when a step's images differ in size."""
+    import torch
+    from transformers import AutoProcessor
+
+    from runner.grpo import left_padding
+    from runner.prompt import generation_batch
+
+    processor = AutoProcessor.from_pretrained(tiny_assets["model"])
+    images = [Image.new("RGB", (64, 64), "white"), Image.new("RGB", (448, 96), "white")]
+    generated_from = generation_batch(processor, images, "Write the LaTeX.")
+    assert (generated_from["attention_mask"] == 0).any()  # the prompts differ in length: one is padded
+    text = [prompt_text(processor, "Write the LaTeX.")] * 2
+    encoded_again = left_padding(processor)(images=images, text=text, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        assert torch.equal(encoded_again[key], generated_from[key]), key
