@@ -122,7 +122,7 @@ def table(rows: list[dict]) -> str:
             continue
         epoch_min = 68686 / r["samples_per_s"] / 60
         lines.append(f"| {r['setting']} | {r['backend']} | {r['samples_per_step']} | {r['samples_per_s']:.2f} | "
-                     f"{r['real_tokens_per_s']:.0f} | {r.get('peak_allocated_gib', 0):.1f} | "
+                     f"{r.get('real_tokens_per_s', 0):.0f} | {r.get('peak_allocated_gib', 0):.1f} | "
                      f"{r.get('peak_reserved_gib', 0):.1f} | {r['time_to_first_step_s']:.1f} | {epoch_min:.0f} min | "
                      f"{r.get('eval_samples_per_s', '')} | {r.get('recipe_eval_samples_per_s', '')} |")
     return "\n".join(lines)

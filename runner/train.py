@@ -109,13 +109,15 @@ class SpeedMeter(TrainerCallback):
 
     def figures(self) -> dict:
         c = self.counter
-        figures = {"time_to_first_step_s": self.first_step_s, "samples_per_step": self.samples_per_step,
-                   "real_tokens_per_sample": c.real_tokens / max(c.samples, 1),
-                   "padding_fraction": 1 - c.real_tokens / max(c.padded_tokens, 1)}
+        figures = {"time_to_first_step_s": self.first_step_s, "samples_per_step": self.samples_per_step}
+        if c.samples:  # GRPO builds its batches inside trl, past the collator that counts tokens
+            figures["real_tokens_per_sample"] = c.real_tokens / c.samples
+            figures["padding_fraction"] = 1 - c.real_tokens / max(c.padded_tokens, 1)
         if self.steady_steps:
             figures["steady_steps"] = self.steady_steps
             figures["samples_per_s"] = self.steady_steps * self.samples_per_step / self.steady_s
-            figures["real_tokens_per_s"] = figures["samples_per_s"] * figures["real_tokens_per_sample"]
+            if c.samples:
+                figures["real_tokens_per_s"] = figures["samples_per_s"] * figures["real_tokens_per_sample"]
         if torch.cuda.is_available():
             figures["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             figures["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
