@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,14 @@ def lora_merged(model):
         model.unmerge_adapter()
 
 
+def kv_cache_kind(requested: str, model) -> str:
+    """eval.kv_cache with `auto` resolved (schemas/eval.schema.json says why each way)."""
+    if requested != "auto":
+        return requested
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    return "dynamic" if quantized or "unsloth" in sys.modules else "static"
+
+
 def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: tuple[str, str], base_dir,
              out_file: Path, label: str = "eval") -> tuple[dict, list[dict]]:
     """Generates answers for the first `eval.max_samples` rows; returns (corpus metrics, per-row results)."""
@@ -63,12 +72,17 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
+    kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar, lora_merged(model):
-        for positions in length_sorted_batches(rows, batch_size):
+        batches = length_sorted_batches(rows, batch_size)
+        for positions in batches:
             batch = rows.select(positions)
             images = [decode_image(value, base_dir) for value in batch[image_column]]
-            predictions = generate(model, processor, images, instruction, eval_cfg["max_new_tokens"])
+            if kv_cache == "static":  # a new batch size would compile the decode step again
+                images += images[-1:] * (len(batches[0]) - len(images))
+            predictions = generate(model, processor, images, instruction, eval_cfg["max_new_tokens"],
+                                   kv_cache)[: len(positions)]
             references = [text_of(value) for value in batch[text_column]]
             for position, row_id, reference, prediction in zip(positions, batch["row_id"], references, predictions):
                 result = {"row_id": row_id, "reference": reference, "prediction": prediction,

@@ -118,15 +118,17 @@ def stop_token_ids(processor) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, processor, images: list[Image.Image], instruction: str, max_new_tokens: int) -> list[str]:
-    """Greedy answers (assistant text only, special tokens removed) for a batch of images."""
+def generate(model, processor, images: list[Image.Image], instruction: str, max_new_tokens: int,
+             kv_cache: str = "dynamic") -> list[str]:
+    """Greedy answers (assistant text only, special tokens removed) for a batch of images. `kv_cache="static"`
+    lets transformers compile the decode step on a GPU (see eval.kv_cache in schemas/eval.schema.json)."""
     batch = generation_batch(processor, images, instruction)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     stops = stop_token_ids(processor)
     output = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-        pad_token_id=processor.tokenizer.pad_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id, cache_implementation="static" if kv_cache == "static" else None,
     )
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

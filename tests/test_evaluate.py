@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from datasets import Dataset
 
@@ -31,3 +33,42 @@ def test_lora_is_merged_while_generating_and_unmerged_after(tiny_assets):
             merged = model(input_ids=inputs).logits
     assert not layer.merged and torch.allclose(layer.base_layer.weight, before, atol=1e-6)
     assert torch.allclose(merged, expected, atol=1e-4)  # float32: W + BA computes what W x + B A x does
+
+
+def test_the_static_kv_cache_answers_as_the_dynamic_one_with_a_filled_up_last_batch(tiny_assets, tmp_path):
+    """eval.kv_cache: static reuses one cache (and on a GPU one compiled decode step) for every batch, filling the
+    last, smaller batch up with repeats; the answers must be the dynamic cache's, row for row (greedy, float32)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from runner.data import prepare
+    from runner.evaluate import evaluate
+    from runner.recipe import load_schema
+
+    schema = load_schema()["properties"]
+    dataset_cfg = {**{k: p["default"] for k, p in schema["dataset"]["properties"].items()},
+                   "id": str(tiny_assets["train"].parent), "eval_split": None, "shuffle": False, "max_samples": 7}
+    processor = AutoProcessor.from_pretrained(tiny_assets["model"])
+    rows = prepare(dataset_cfg, processor, 2048).train
+    model = AutoModelForImageTextToText.from_pretrained(tiny_assets["model"], dtype=torch.float32)
+    eval_cfg = {k: p["default"] for k, p in schema["eval"]["properties"].items()}
+    answers = {}
+    for kv_cache in ("dynamic", "static"):
+        cfg = {**eval_cfg, "max_samples": 7, "batch_size": 3, "max_new_tokens": 12, "kv_cache": kv_cache}
+        _, results = evaluate(model, processor, rows, cfg, dataset_cfg["instruction"], ("image", "text"),
+                              tiny_assets["train"].parent, tmp_path / f"{kv_cache}.jsonl", kv_cache)
+        answers[kv_cache] = [(r["row_id"], r["prediction"]) for r in results]
+    assert len(answers["static"]) == 7 and any(prediction for _, prediction in answers["static"])
+    assert answers["static"] == answers["dynamic"]
+
+
+def test_auto_kv_cache_is_static_only_where_transformers_can_compile_the_decode_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from runner.evaluate import kv_cache_kind
+
+    plain, four_bit = SimpleNamespace(), SimpleNamespace(is_loaded_in_4bit=True)
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    assert kv_cache_kind("auto", plain) == "static" and kv_cache_kind("auto", four_bit) == "dynamic"
+    monkeypatch.setitem(sys.modules, "unsloth", SimpleNamespace())  # Unsloth's patched forward is loaded
+    assert kv_cache_kind("auto", plain) == "dynamic"
+    assert kv_cache_kind("static", four_bit) == "static" and kv_cache_kind("dynamic", plain) == "dynamic"
