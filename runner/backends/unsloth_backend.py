@@ -9,7 +9,6 @@ image tokens, so it would also train on the prompt.
 from __future__ import annotations
 
 import logging
-import os
 
 import unsloth  # noqa: F401  (must precede transformers, peft and trl)
 from unsloth import FastVisionModel
@@ -28,11 +27,8 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = F
     in runner/distributed.py refuse that combination before this runs."""
     if sharded:
         raise ValueError("Unsloth cannot train under FSDP; use the transformers backend or strategy ddp")
-    # Unsloth's own generate forces a static KV cache and compiles the decode step for each new batch shape;
-    # eval batches of formula crops all differ in prompt length, so it recompiles batch after batch
-    # (docs/benchmarks.md: eval). transformers' generate with a dynamic cache is used instead; set the variable
-    # to 0 to get Unsloth's back.
-    os.environ.setdefault("UNSLOTH_DISABLE_FAST_GENERATION", "1")
+    # Eval generates through Unsloth's own fast generation (its default): 71 against 50 samples/s for
+    # transformers' generate on the same Unsloth model (fast recipe, H200, docs/benchmarks.md: eval, round 3).
     warn_remote_code(model_cfg)
     model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, gradient_checkpointing))
     configure_processor(processor, model_cfg)
