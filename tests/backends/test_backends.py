@@ -104,3 +104,9 @@ def test_pickled_weights_are_refused_unless_the_recipe_allows_them(tmp_path):
     assert "holds only pickled .bin weights" in problems["model.safetensors_only"]
     assert "model.safetensors_only" not in dict(
         backends.machine_problems({**MODEL, "id": str(tmp_path), "safetensors_only": False}, TRAIN))
+
+
+def test_unsloth_under_ddp_says_what_transformers_measured_instead():
+    name, why = backends.select("unsloth", "ddp")
+    assert name == "unsloth" and "model.backend=transformers scaled 0.95" in why
+    assert "transformers" not in backends.select("unsloth")[1]
