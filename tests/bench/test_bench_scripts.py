@@ -78,3 +78,31 @@ def test_render_coverage_reports_the_share_drawn_and_the_cost(tiny_assets, tmp_p
     report = json.loads(out.read_text())
     assert report["rows"] == 8 and report["drawn"] == 8 and report["share_drawn"] == 1.0  # mathtext drew them
     assert report["render_ms_median"] > 0 and report["cached_ms_mean"] < report["render_ms_median"]
+
+
+def test_dpo_pairs_reject_a_near_miss_that_is_never_the_reference(tiny_assets, tmp_path):
+    import random
+
+    import pyarrow.parquet as pq
+
+    from bench import dpo_pairs
+    from runner.dpo import load_pairs
+
+    rng = random.Random(0)
+    for reference in ["x ^ { 2 }", "\\frac { 1 } { 2 }", "a + b = c", "\\alpha"]:
+        rejected = dpo_pairs.near_miss(reference, rng)
+        assert rejected != reference and len(rejected.split()) == len(reference.split())
+    out = tmp_path / "pairs.parquet"
+    dpo_pairs.main([str(tiny_assets["train"]), str(out), "5"])
+    pairs = load_pairs(str(out), None)  # the file `dpo.pairs` reads
+    assert len(pairs) == 5 and pq.read_table(out).column("image").to_pylist()[0]["bytes"]
+
+
+def test_generate_variants_arguments():
+    from bench import generate_variants
+
+    args = generate_variants.parse_args(["--model-dir", "/m", "--data", "d", "--backend", "unsloth", "--cache",
+                                         "static", "--batch-size", "512"])
+    assert (args.backend, args.cache, args.batch_size, args.new_tokens) == ("unsloth", "static", 512, 64)
+    with pytest.raises(SystemExit):
+        generate_variants.parse_args(["--model-dir", "/m", "--data", "d", "--cache", "paged"])
