@@ -3,7 +3,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 python := ".venv/bin/python"
 
-# Create .venv, apply an install set (cpu | gpu | colab-a100) and add-ons (gguf), build the tiny model and data
+# Create .venv, apply an install set (cpu | gpu | colab-a100) and add-ons (gguf, deepspeed), build the tiny model and data
 setup set="cpu" *addons:
     test -x {{python}} || python3 -m venv {{ if set == "cpu" { "" } else { "--system-site-packages" } }} .venv
     {{python}} -m pip install -q --disable-pip-version-check click pyyaml jsonschema packaging

@@ -64,7 +64,7 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> 
                    "or the run directory given.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None, help="Train in this many processes, one per GPU, "
               "through torchrun (sets distributed.processes_per_node, and distributed.strategy=ddp unless the recipe "
-              "asks for fsdp).")
+              "asks for fsdp or deepspeed).")
 def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | None) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
     from . import distributed
@@ -240,10 +240,10 @@ def predict_command(images: tuple[Path, ...], model: Path, instruction: str | No
 
 
 @main.command()
-@click.argument("names", nargs=-1, required=True, type=click.Choice(["cpu", "gpu", "colab-a100", "gguf"]))
+@click.argument("names", nargs=-1, required=True, type=click.Choice(["cpu", "gpu", "colab-a100", "gguf", "deepspeed"]))
 @click.option("--dry-run", is_flag=True, help="Print the pip commands without running them.")
 def install(names: tuple[str, ...], dry_run: bool) -> None:
-    """Install named install sets into this Python environment: a set (cpu, gpu, colab-a100) and add-ons (gguf)."""
+    """Install named install sets into this Python environment: a set (cpu, gpu, colab-a100) and add-ons (gguf, deepspeed)."""
     from . import install_sets
 
     for name in names:

@@ -3,9 +3,9 @@
 `recipe run` in one process reads the recipe; when it asks for more than one process, that process starts
 `python -m torch.distributed.run ... -m runner run RECIPE ...` (torchrun, the launcher PyTorch ships) and waits
 for it. Each process torchrun starts sees RANK, LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe
-as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel, shards every batch
-across the ranks and averages the gradients (NCCL on GPUs, gloo on CPUs). This module never spawns processes or
-syncs gradients itself.
+as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel (or FSDP2, or DeepSpeed
+ZeRO, from the arguments built here), shards every batch across the ranks and averages the gradients (NCCL on
+GPUs, gloo on CPUs). This module never spawns processes or syncs gradients itself.
 
 Rank 0 alone writes the run directory (log, status, TensorBoard, metrics, checkpoints), evaluates and exports;
 the other ranks log warnings to the console with their rank in front and write nothing there.
@@ -13,6 +13,7 @@ the other ranks log warnings to the console with their rank in front and write n
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -89,13 +90,22 @@ def planned_world_size(cfg: dict) -> int:
     return world_size() if launched() else cfg["processes_per_node"] * cfg["nodes"]
 
 
-def problems(cfg: dict, backend: str, quantization: str) -> list[tuple[str, str]]:
+def shards_weights(cfg: dict) -> bool:
+    """Whether each process holds only a shard of the weights (so rank 0 cannot evaluate the model it trained)."""
+    return cfg["strategy"] == "fsdp" or (cfg["strategy"] == "deepspeed" and cfg["deepspeed_stage"] == 3)
+
+
+def problems(cfg: dict, backend: str, quantization: str, optimizer: str = "adamw_torch") -> list[tuple[str, str]]:
     """What stops this distributed setting on this machine, before anything launches: (key path, message).
     `backend` is the one the run will use (`auto` already resolved)."""
     found = []
+    if cfg["deepspeed_cpu_offload"] and cfg["strategy"] != "deepspeed":
+        found.append(("distributed.deepspeed_cpu_offload", f"applies to strategy deepspeed only, not {cfg['strategy']}"))
     if cfg["strategy"] == "none":
         return found
     gpus = visible_gpus()
+    if cfg["strategy"] == "deepspeed":
+        found += deepspeed_problems(backend, quantization, optimizer, gpus)
     if cfg["strategy"] == "fsdp" and backend == "unsloth":
         found.append(("distributed.strategy", "fsdp needs the transformers backend: Unsloth has no FSDP path; set "
                       "model.backend: transformers (or auto), or use strategy: ddp to keep Unsloth"))
@@ -119,6 +129,24 @@ def problems(cfg: dict, backend: str, quantization: str) -> list[tuple[str, str]
     return found
 
 
+def deepspeed_problems(backend: str, quantization: str, optimizer: str, gpus: int) -> list[tuple[str, str]]:
+    found = []
+    if importlib.util.find_spec("deepspeed") is None:
+        found.append(("distributed.strategy", "deepspeed is not installed; add it with `recipe install deepspeed` "
+                      "(or `just setup cpu deepspeed`, `just setup gpu deepspeed`), or use strategy: ddp or fsdp"))
+    if backend == "unsloth":
+        found.append(("distributed.strategy", "deepspeed needs the transformers backend: Unsloth's DeepSpeed path is "
+                      "not supported here; set model.backend: transformers (or auto), or use strategy: ddp to keep "
+                      "Unsloth"))
+    if quantization != "none":
+        found.append(("distributed.strategy", f"deepspeed with {quantization} (bitsandbytes) weights is not supported "
+                      "here; use model.quantization: none, or strategy: fsdp (4-bit) or ddp"))
+    if "8bit" in optimizer and gpus:
+        found.append(("train.optimizer", f"{optimizer} under deepspeed: ZeRO partitions the optimizer state itself, "
+                      "and bitsandbytes' 8-bit optimizers are not supported under it here; use adamw_torch"))
+    return found
+
+
 FSDP_WRAPPED_LAYERS = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]  # the model's _no_split_modules
 
 
@@ -132,6 +160,34 @@ def fsdp_arguments(cfg: dict, gradient_checkpointing: bool) -> dict:
         "version": 2, "transformer_layer_cls_to_wrap": FSDP_WRAPPED_LAYERS, "reshard_after_forward": True,
         "activation_checkpointing": gradient_checkpointing, "cpu_offload": cfg["fsdp_cpu_offload"],
         "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def deepspeed_arguments(cfg: dict) -> dict:
+    """TrainingArguments for the deepspeed strategy (none otherwise): a ZeRO config whose batch, accumulation,
+    clipping, precision and optimizer values ("auto") the trainer fills in from the train section."""
+    if cfg is None or cfg["strategy"] != "deepspeed":
+        return {}
+    zero = {"stage": cfg["deepspeed_stage"], "overlap_comm": True, "contiguous_gradients": True}
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+              "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+    if cfg["deepspeed_stage"] == 3:  # the adapter is saved from the gathered weights, not from rank 0's shard
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg["deepspeed_cpu_offload"]:  # the optimizer then steps on the CPU: DeepSpeed's own CPU Adam
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg["deepspeed_stage"] == 3:
+            zero["offload_param"] = {"device": "cpu"}
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return {"deepspeed": config}
+
+
+def load_whole_models() -> None:
+    """After ZeRO-3 training, transformers would partition every model this process loads (deepspeed's zero.Init,
+    a collective that waits for all ranks); rank 0 reloads the model alone to evaluate it, so that is switched off."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def launch_command(recipe_file: str, overrides: list[str], cfg: dict, extra: list[str]) -> list[str]:

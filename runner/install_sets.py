@@ -51,6 +51,8 @@ SETS: dict[str, dict] = {
 ADDONS: dict[str, dict] = {
     "gguf": {"about": "llama-cpp-python for GGUF export and prediction (compiles llama.cpp: 3-9 minutes on 2 cores)",
              "pip": [["-e", ".[gguf]"]], "expect": {"llama-cpp-python": "==0.3.36"}},
+    "deepspeed": {"about": "DeepSpeed for distributed.strategy: deepspeed (ZeRO-2/3; about 10 s, no compilation)",
+                  "pip": [["-e", ".[deepspeed]"]], "expect": {"deepspeed": "==0.19.8"}},
 }
 
 

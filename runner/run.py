@@ -93,7 +93,8 @@ def preflight(recipe: dict) -> list[tuple[str, str]]:
     problems = backends.machine_problems(recipe["model"], recipe["train"])
     distributed_cfg = distributed.resolve(recipe["distributed"])
     backend_name, _ = backends.select(recipe["model"]["backend"], distributed_cfg["strategy"], recipe["train"]["method"])
-    problems += distributed.problems(distributed_cfg, backend_name, recipe["model"]["quantization"])
+    problems += distributed.problems(distributed_cfg, backend_name, recipe["model"]["quantization"],
+                                     recipe["train"]["optimizer"])
     for index, target in enumerate(recipe["export"]):
         if target["format"] == "gguf":
             from .gguf import GGUFError, llama_cpp_version
@@ -151,7 +152,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     for warning in install_sets.mismatches(recipe["install"]):
         log.warning("install set %s: %s", recipe["install"], warning)
 
-    sharded = recipe["distributed"]["strategy"] == "fsdp"
+    sharded = distributed.shards_weights(recipe["distributed"])
     backend_name, why = backends.select(recipe["model"]["backend"], recipe["distributed"]["strategy"],
                                         recipe["train"]["method"])
     log.info("backend: %s (%s)", backend_name, why)
@@ -201,6 +202,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
         with step("eval", timings):
             if sharded:  # rank 0 holds only its shard of the weights: load the model whole, with the saved adapter
                 del model
+                distributed.load_whole_models()
                 model = with_adapter(backend.load(recipe["model"])[0], run_dir / "adapter")
             model = backend.prepare_for_inference(model)
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")

@@ -67,8 +67,8 @@ def checked(trainer_class, counter: TokenCounter):
 
 
 class LogToFile(TrainerCallback):
-    """Copies the trainer's periodic logs (loss, learning rate, grad norm) into the run log; says how FSDP sharded
-    the model, once it has."""
+    """Copies the trainer's periodic logs (loss, learning rate, grad norm) into the run log; says how FSDP or
+    DeepSpeed ZeRO-3 sharded the model, once it has."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tensors = list(model.parameters()) if model is not None else []
@@ -76,6 +76,10 @@ class LogToFile(TrainerCallback):
         if sharded:
             log.info("fsdp: %d of %d parameter tensors sharded across %d processes", sharded, len(tensors),
                      distributed.world_size())
+        partitioned = sum(hasattr(tensor, "ds_numel") for tensor in tensors)  # ZeRO-3's partitioned parameters
+        if partitioned:
+            log.info("deepspeed: %d of %d parameter tensors partitioned across %d processes", partitioned,
+                     len(tensors), distributed.world_size())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
@@ -183,6 +187,7 @@ def trainer_arguments(cfg: dict, output_dir: Path, trainer_checkpointing: bool =
         ddp_backend="gloo" if cpu_group else None,
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
         **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
+        **distributed.deepspeed_arguments(distributed_cfg),
     )
 
 
@@ -241,7 +246,7 @@ def fit(trainer, processor, output_dir: Path, speed: SpeedMeter, stop: StopOnSig
     if stop.interrupted:
         return {"interrupted": stop.interrupted, "step": trainer.state.global_step}
     adapter_dir = output_dir / "adapter"
-    if trainer.args.fsdp:  # each rank holds a shard of the adapter: all of them gather it, rank 0 writes it
+    if trainer.args.fsdp or trainer.is_deepspeed_enabled:  # every rank takes part in gathering the adapter
         trainer.save_model(str(adapter_dir))
     elif distributed.is_main():
         # GRPO and DPO add a frozen "ref" copy of the starting adapter as their reference: save only the trained one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,23 +35,35 @@ def run(tiny_assets, runs: Path, *extra: str, trace: Path | None = None) -> subp
     return subprocess.run(command + list(extra), capture_output=True, text=True, env=environment, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def one_metrics(tiny_assets, tmp_path_factory) -> dict:
+    """metrics.json of one process at batch 8, which two processes at batch 4 must match step for step."""
+    runs = tmp_path_factory.mktemp("one")
+    one = run(tiny_assets, runs, "--set", "train.batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+    (one_dir,) = list(runs.glob("*/*"))
+    return json.loads((one_dir / "metrics.json").read_text())
+
+
+def losses_agree(expected: dict, actual: dict) -> bool:
+    # The logged loss of 2 processes is the mean of the two ranks' token means, the 1-process one the token mean of
+    # all 8 rows; with rows of unequal length that differs by ~0.1%, so the tolerance is 0.5%.
+    return expected.keys() == actual.keys() and len(expected) == 8 and all(
+        abs(actual[s] - expected[s]) <= 5e-3 * abs(expected[s]) for s in expected)
+
+
 @pytest.mark.slow
-def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets, tmp_path):
+def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets, tmp_path, one_metrics):
     two = run(tiny_assets, tmp_path / "two", "--gpus", "2", "--set", "train.batch_size=4", trace=tmp_path / "trace")
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "through torchrun" in two.stdout
-    one = run(tiny_assets, tmp_path / "one", "--set", "train.batch_size=8")
-    assert one.returncode == 0, one.stderr[-3000:]
 
-    (two_dir,), (one_dir,) = list((tmp_path / "two").glob("*/*")), list((tmp_path / "one").glob("*/*"))
-    two_metrics, one_metrics = (json.loads((d / "metrics.json").read_text()) for d in (two_dir, one_dir))
-    # (a) The same 8 rows per step, the gradients averaged over all their tokens: the per-step losses agree. The
-    # logged loss of 2 processes is the mean of the two ranks' token means, the 1-process one the token mean of all
-    # 8 rows; with rows of unequal length that differs by ~0.1%, so the tolerance is 0.5%.
+    (two_dir,) = list((tmp_path / "two").glob("*/*"))
+    two_metrics = json.loads((two_dir / "metrics.json").read_text())
+    # (a) The same 8 rows per step, the gradients averaged over all their tokens: the per-step losses agree.
     assert two_metrics["train"]["world_size"] == 2 and two_metrics["train"]["global_batch"] == 8
     expected, actual = one_metrics["train"]["losses"], two_metrics["train"]["losses"]
-    assert expected.keys() == actual.keys() and len(expected) == 8
-    assert all(abs(actual[s] - expected[s]) <= 5e-3 * abs(expected[s]) for s in expected), (expected, actual)
+    assert losses_agree(expected, actual), (expected, actual)
     assert "global batch 8 = batch_size 4 x gradient_accumulation_steps 1 x 2 processes" in \
         (two_dir / "run.log").read_text()
 
@@ -72,6 +85,33 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
     assert two.stdout.count("done: ") == 1  # rank 1 says nothing on stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process_and_rank_0_saves_the_whole_adapter(tiny_assets, tmp_path,
+                                                                                  one_metrics, stage):
+    from safetensors.torch import load_file
+
+    two = run(tiny_assets, tmp_path / "runs", "--gpus", "2", "--set", "train.batch_size=4", "--set",
+              "distributed.strategy=deepspeed", "--set", f"distributed.deepspeed_stage={stage}")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "runs").glob("*/*"))
+    metrics, log = json.loads((run_dir / "metrics.json").read_text()), (run_dir / "run.log").read_text()
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["global_batch"] == 8
+    assert losses_agree(one_metrics["train"]["losses"], metrics["train"]["losses"]), metrics["train"]["losses"]
+    # ZeRO-3 partitions every weight (and says so); ZeRO-2 only the optimizer state and gradients.
+    partitioned = re.search(r"deepspeed: (\d+) of (\d+) parameter tensors partitioned across 2 processes", log)
+    assert (partitioned is not None and partitioned[1] == partitioned[2]) == (stage == 3), log[-2000:]
+    written = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert {"run.log", "metrics.json", "predictions.jsonl", "adapter/adapter_model.safetensors"} <= set(written)
+    assert "[rank 1]" not in log and "rank" not in " ".join(written)
+    # The adapter rank 0 saved is whole (gathered from the shards) and trained, and rank 0 evaluated it.
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    r = load_recipe(run_dir / "recipe.resolved.yaml")["lora"]["r"]
+    assert all(min(t.shape) == r for t in saved.values())
+    assert any(t.abs().max() > 0 for name, t in saved.items() if "lora_B" in name)
+    assert metrics["eval"]["after"]["rows"] == 4
+
+
 @pytest.mark.parametrize("overrides, key, message", [
     (["distributed.strategy=ddp", "distributed.nodes=2", "distributed.node_rank=2"], "distributed.node_rank",
      "is 2 but nodes is 2; node ranks run from 0 to nodes - 1"),
@@ -88,6 +128,17 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
       "distributed.gpus_for_test=1"], "distributed.strategy", "fsdp cannot shard 8-bit"),
     (["distributed.strategy=ddp", "distributed.processes_per_node=2", "distributed.fsdp_cpu_offload=true"],
      "distributed.fsdp_cpu_offload", "applies to strategy fsdp only, not ddp"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "model.backend=unsloth",
+      "distributed.gpus_for_test=1"], "distributed.strategy", "deepspeed needs the transformers backend"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "model.quantization=4bit",
+      "distributed.gpus_for_test=1"], "distributed.strategy", "deepspeed with 4bit (bitsandbytes) weights is not "
+     "supported here; use model.quantization: none, or strategy: fsdp (4-bit) or ddp"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "train.optimizer=adamw_8bit",
+      "distributed.gpus_for_test=1"], "train.optimizer", "adamw_8bit under deepspeed"),
+    (["distributed.strategy=ddp", "distributed.processes_per_node=2", "distributed.deepspeed_cpu_offload=true"],
+     "distributed.deepspeed_cpu_offload", "applies to strategy deepspeed only, not ddp"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=2", "distributed.deepspeed_stage=1"],
+     "distributed.deepspeed_stage", "must be one of 2, 3, got 1"),
 ])
 def test_invalid_combinations_fail_before_anything_launches(tmp_path, monkeypatch, overrides, key, message):
     gpus = 1 if "distributed.gpus_for_test=1" in overrides else 0
@@ -140,3 +191,27 @@ def test_one_process_on_a_machine_with_several_gpus_trains_on_one_instead_of_dat
     config = sft_config(train, tmp_path, 256)
     config._n_gpu = 2  # what the trainer would see on a 2-GPU machine, where it would wrap nn.DataParallel
     assert one_gpu_per_process(config).n_gpu == 1
+
+
+def test_deepspeed_not_installed_is_refused_with_how_to_add_it(tmp_path, monkeypatch):
+    find_spec = distributed.importlib.util.find_spec
+    monkeypatch.setattr(distributed.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    args = ["run", RECIPE, "--set", f"output_dir={tmp_path / 'runs'}", "--set", "distributed.strategy=deepspeed",
+            "--set", "distributed.processes_per_node=2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "distributed.strategy: deepspeed is not installed; add it with `recipe install " \
+        "deepspeed`" in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_deepspeed_config_leaves_batch_and_optimizer_to_the_trainer_and_gathers_zero3_weights_to_save():
+    cfg = {**load_recipe(RECIPE)["distributed"], "strategy": "deepspeed"}
+    zero2 = distributed.deepspeed_arguments(cfg)["deepspeed"]
+    assert zero2["zero_optimization"]["stage"] == 2 and zero2["train_micro_batch_size_per_gpu"] == "auto"
+    assert "optimizer" not in zero2 and not distributed.shards_weights(cfg)
+    zero3 = distributed.deepspeed_arguments({**cfg, "deepspeed_stage": 3, "deepspeed_cpu_offload": True})["deepspeed"]
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero3["zero_optimization"]["offload_param"] == {"device": "cpu"} and zero3["optimizer"]["type"] == "AdamW"
+    assert distributed.shards_weights({**cfg, "deepspeed_stage": 3}) and distributed.deepspeed_arguments(
+        {**cfg, "strategy": "fsdp"}) == {}

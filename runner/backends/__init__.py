@@ -33,8 +33,8 @@ def select(requested: str, strategy: str = "none", method: str = "sft") -> tuple
         return "unsloth", f"set in the recipe; {UNSLOTH_UNDER_DDP}"
     if requested != "auto":
         return requested, "set in the recipe"
-    if strategy == "fsdp":
-        return "transformers", "auto: distributed.strategy is fsdp, which Unsloth does not support"
+    if strategy in ("fsdp", "deepspeed"):
+        return "transformers", f"auto: distributed.strategy is {strategy}, which the runner runs on transformers only"
     if not cuda_available():
         return "transformers", "auto: no CUDA GPU (unsloth needs one)"
     if not unsloth_installed():
