@@ -86,13 +86,14 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage, offload", [(2, True), (3, False)])  # offload: DeepSpeed's CPU Adam steps instead
 def test_deepspeed_zero_trains_like_one_process_and_rank_0_saves_the_whole_adapter(tiny_assets, tmp_path,
-                                                                                  one_metrics, stage):
+                                                                                  one_metrics, stage, offload):
     from safetensors.torch import load_file
 
     two = run(tiny_assets, tmp_path / "runs", "--gpus", "2", "--set", "train.batch_size=4", "--set",
-              "distributed.strategy=deepspeed", "--set", f"distributed.deepspeed_stage={stage}")
+              "distributed.strategy=deepspeed", "--set", f"distributed.deepspeed_stage={stage}", "--set",
+              f"distributed.deepspeed_cpu_offload={str(offload).lower()}")
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     (run_dir,) = list((tmp_path / "runs").glob("*/*"))
     metrics, log = json.loads((run_dir / "metrics.json").read_text()), (run_dir / "run.log").read_text()
