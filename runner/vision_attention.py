@@ -42,12 +42,18 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale: float) -> torch.Tensor:
     """Attention within each chunk of packed (tokens, heads, head_dim) tensors; returns the same shape."""
     varlen_attn = _cuda_varlen()
-    if query.is_cuda and varlen_attn is not None and query.dtype in (torch.float16, torch.bfloat16):
+    if query.is_cuda and varlen_attn is not None:
+        # float32 reaches here when peft upcast a 4-bit model's vision tower for training and no autocast runs
+        # (generation): the kernel takes 16-bit only, as autocast hands it in training; the one-mask fallback
+        # below would need (tokens x tokens) per head, over 100 GiB for a batch of 256 images
+        dtype = query.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            query, key, value = (tensor.to(torch.bfloat16) for tensor in (query, key, value))
         cu = cu_seqlens.to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
         if abs(scale - query.shape[-1] ** -0.5) < 1e-12:  # the kernel's default scale; older torch takes no `scale`
-            return varlen_attn(query, key, value, cu, cu, longest, longest)
-        return varlen_attn(query * (scale * query.shape[-1] ** 0.5), key, value, cu, cu, longest, longest)
+            return varlen_attn(query, key, value, cu, cu, longest, longest).to(dtype)
+        return varlen_attn(query * (scale * query.shape[-1] ** 0.5), key, value, cu, cu, longest, longest).to(dtype)
     mask = block_diagonal_mask(cu_seqlens, query.shape[0])
     out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
                                          attn_mask=mask, scale=scale)
