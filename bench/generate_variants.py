@@ -50,7 +50,8 @@ def main(argv=None) -> None:
 
     from bench.common import device_name, versions
     from runner.data import prepare
-    from runner.evaluate import length_sorted_batches, lora_merged
+    from runner.evaluate import length_sorted_batches
+    from runner.eval_weights import generation_weights
     from runner.prompt import decode_image, generate
 
     started = time.perf_counter()
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
         return time.perf_counter() - t
 
     batches = []
-    with torch.no_grad(), lora_merged(model):
+    with torch.no_grad(), generation_weights(model, "auto"):
         for i, positions in enumerate(length_sorted_batches(rows, args.batch_size)):
             images = [decode_image(value, None) for value in rows.select(positions)["image"]]
             model.generation_config.min_new_tokens = 1

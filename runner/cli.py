@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
 
 from .recipe import Problem, RecipeError, load_recipe
+
+# bitsandbytes (peft imports it) looks for an optional CPU kernel package on AVX512-BF16 CPUs and warns at every start
+# when it is absent; its own CPU code path works without it, and 4-bit training needs a GPU anyway
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 SET_OPTION = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                           help="Override a recipe value (YAML syntax), e.g. --set train.max_steps=5. Repeatable.")

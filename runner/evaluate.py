@@ -10,11 +10,11 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .eval_weights import generation_weights, is_quantized
 from .metrics import corpus_metrics, row_metrics
 from .prompt import decode_image, generate, text_of
 
@@ -37,31 +37,11 @@ def length_sorted_batches(rows, batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-@contextmanager
-def lora_merged(model):
-    """Folds a 16-bit model's LoRA adapters into its weights for the duration of generation.
-
-    Decoding is launch-bound: each adapted linear layer adds two small matmuls and an add to every decode step,
-    and a Qwen2.5-VL adapter touches hundreds of them (fast recipe, H200: 2x slower unmerged, docs/benchmarks.md).
-    W + BA in the model's dtype is what the merged_16bit export ships. Quantized (bitsandbytes) weights are left
-    unmerged: merging would re-quantize them and evaluate another model than the one trained."""
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if quantized or not hasattr(model, "merge_adapter"):
-        yield
-        return
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-
-
 def kv_cache_kind(requested: str, model) -> str:
     """eval.kv_cache with `auto` resolved (schemas/eval.schema.json says why each way)."""
     if requested != "auto":
         return requested
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    return "dynamic" if quantized or "unsloth" in sys.modules else "static"
+    return "dynamic" if is_quantized(model) or "unsloth" in sys.modules else "static"
 
 
 def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: tuple[str, str], base_dir,
@@ -72,9 +52,10 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
-    kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
-    with open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar, lora_merged(model):
+    with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
+          generation_weights(model, eval_cfg["dequantize"])):
+        kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
         batches = length_sorted_batches(rows, batch_size)
         for positions in batches:
             batch = rows.select(positions)

@@ -7,7 +7,7 @@ import sys
 import torch
 from datasets import Dataset
 
-from runner.evaluate import length_sorted_batches, lora_merged
+from runner.evaluate import length_sorted_batches
 
 
 def test_batches_hold_prompts_of_similar_length_longest_first():
@@ -15,24 +15,6 @@ def test_batches_hold_prompts_of_similar_length_longest_first():
     assert length_sorted_batches(rows, 3) == [[1, 4, 3], [6, 0, 5], [2]]
     # without lengths (a dataset that did not go through the data step) the order is kept
     assert length_sorted_batches(Dataset.from_dict({"row_id": [5, 6, 7]}), 2) == [[0, 1], [2]]
-
-
-def test_lora_is_merged_while_generating_and_unmerged_after(tiny_assets):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    base = AutoModelForImageTextToText.from_pretrained(tiny_assets["model"], dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    layer = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
-    before = layer.base_layer.weight.detach().clone()
-    inputs = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        expected = model(input_ids=inputs).logits
-        with lora_merged(model):
-            assert layer.merged and not torch.equal(layer.base_layer.weight, before)
-            merged = model(input_ids=inputs).logits
-    assert not layer.merged and torch.allclose(layer.base_layer.weight, before, atol=1e-6)
-    assert torch.allclose(merged, expected, atol=1e-4)  # float32: W + BA computes what W x + B A x does
 
 
 def test_the_static_kv_cache_answers_as_the_dynamic_one_with_a_filled_up_last_batch(tiny_assets, tmp_path):
@@ -66,9 +48,15 @@ def test_auto_kv_cache_is_static_only_where_transformers_can_compile_the_decode_
 
     from runner.evaluate import kv_cache_kind
 
-    plain, four_bit = SimpleNamespace(), SimpleNamespace(is_loaded_in_4bit=True)
+    class Linear4bit:  # what bitsandbytes' 4-bit layer is called
+        pass
+
+    plain = SimpleNamespace()
+    four_bit = SimpleNamespace(is_loaded_in_4bit=True, modules=lambda: [Linear4bit()])
+    dequantized = SimpleNamespace(is_loaded_in_4bit=True, modules=lambda: [])  # eval.dequantize swapped them out
     monkeypatch.delitem(sys.modules, "unsloth", raising=False)
     assert kv_cache_kind("auto", plain) == "static" and kv_cache_kind("auto", four_bit) == "dynamic"
+    assert kv_cache_kind("auto", dequantized) == "static"
     monkeypatch.setitem(sys.modules, "unsloth", SimpleNamespace())  # Unsloth's patched forward is loaded
     assert kv_cache_kind("auto", plain) == "dynamic"
     assert kv_cache_kind("static", four_bit) == "static" and kv_cache_kind("dynamic", plain) == "dynamic"
