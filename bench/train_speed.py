@@ -47,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-new-tokens", type=int, default=64, help="eval.max_new_tokens for --eval-rows "
                         "(random weights never stop early, so every row generates this many)")
     parser.add_argument("--recipe-eval", action="store_true", help="also time `recipe eval` on each finished run")
+    parser.add_argument("--recipe-eval-rows", type=int, default=None, help="rows for `recipe eval` (default: --eval-rows)")
+    parser.add_argument("--recipe-eval-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for `recipe eval` alone (repeatable), e.g. model.backend=transformers")
     args = parser.parse_args(argv)
     settings = {}
     for name in filter(None, args.settings.split(",")):
@@ -99,16 +102,19 @@ def run_setting(name: str, recipe: str, overrides: list[str], steps: int, args) 
 
 def recipe_eval(run_dir: Path, recipe: str, overrides: list[str], args) -> dict:
     """`recipe eval RUN_DIR --recipe RECIPE` on the same rows: loads the base model, attaches the adapter, evaluates."""
+    rows = args.recipe_eval_rows or args.eval_rows
     sets = [f"model.id={args.model_dir}", f"dataset.id={args.data}", "dataset.eval_split=null", "dataset.shuffle=false",
-            "eval.split=train", f"eval.max_samples={args.eval_rows}", f"eval.max_new_tokens={args.eval_new_tokens}",
-            "eval.compare_base=false", "install=none", *overrides]
+            "eval.split=train", f"eval.max_samples={rows}", f"eval.max_new_tokens={args.eval_new_tokens}",
+            "eval.compare_base=false", "install=none", *overrides, *args.recipe_eval_set]
     cmd = [sys.executable, "-m", "runner", "eval", str(run_dir), "--recipe", recipe, "--out", str(run_dir / "recipe-eval")]
     started = time.perf_counter()
     result = subprocess.run(cmd + sum((["--set", s] for s in sets), []), env=os.environ.copy())
-    figures = {"recipe_eval_exit_code": result.returncode, "recipe_eval_wall_s": round(time.perf_counter() - started, 1)}
+    figures = {"recipe_eval_exit_code": result.returncode, "recipe_eval_wall_s": round(time.perf_counter() - started, 1),
+               "recipe_eval_rows": rows, "recipe_eval_overrides": args.recipe_eval_set}
     metrics_file = run_dir / "recipe-eval" / "metrics.json"
     if result.returncode == 0 and metrics_file.exists():
-        figures["recipe_eval_samples_per_s"] = json.loads(metrics_file.read_text())["after"]["samples_per_s"]
+        after = json.loads(metrics_file.read_text())["after"]
+        figures.update(recipe_eval_samples_per_s=after["samples_per_s"], recipe_eval_seconds=after["seconds"])
     return figures
 
 
