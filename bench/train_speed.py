@@ -100,15 +100,21 @@ def run_setting(name: str, recipe: str, overrides: list[str], steps: int, args) 
     return row
 
 
-def recipe_eval(run_dir: Path, recipe: str, overrides: list[str], args) -> dict:
-    """`recipe eval RUN_DIR --recipe RECIPE` on the same rows: loads the base model, attaches the adapter, evaluates."""
+def recipe_eval_command(run_dir: Path, recipe: str, overrides: list[str], args) -> tuple[list[str], int]:
+    """`recipe eval RUN_DIR --recipe RECIPE` on the first rows: the setting's overrides, then --recipe-eval-set's."""
     rows = args.recipe_eval_rows or args.eval_rows
     sets = [f"model.id={args.model_dir}", f"dataset.id={args.data}", "dataset.eval_split=null", "dataset.shuffle=false",
             "eval.split=train", f"eval.max_samples={rows}", f"eval.max_new_tokens={args.eval_new_tokens}",
             "eval.compare_base=false", "install=none", *overrides, *args.recipe_eval_set]
     cmd = [sys.executable, "-m", "runner", "eval", str(run_dir), "--recipe", recipe, "--out", str(run_dir / "recipe-eval")]
+    return cmd + sum((["--set", s] for s in sets), []), rows
+
+
+def recipe_eval(run_dir: Path, recipe: str, overrides: list[str], args) -> dict:
+    """Times `recipe eval` on a finished run: loads the base model, attaches the adapter, evaluates."""
+    cmd, rows = recipe_eval_command(run_dir, recipe, overrides, args)
     started = time.perf_counter()
-    result = subprocess.run(cmd + sum((["--set", s] for s in sets), []), env=os.environ.copy())
+    result = subprocess.run(cmd, env=os.environ.copy())
     figures = {"recipe_eval_exit_code": result.returncode, "recipe_eval_wall_s": round(time.perf_counter() - started, 1),
                "recipe_eval_rows": rows, "recipe_eval_overrides": args.recipe_eval_set}
     metrics_file = run_dir / "recipe-eval" / "metrics.json"
@@ -124,7 +130,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "samples_per_s" not in r:
-            lines.append(f"| {r['setting']} | failed (exit {r['exit_code']}) | | | | | | | | | |")
+            why = "no steady steps" if r["exit_code"] == 0 else f"failed (exit {r['exit_code']})"
+            lines.append(f"| {r['setting']} | {why} | | | | | | | | "
+                         f"{r.get('eval_samples_per_s', '')} | {r.get('recipe_eval_samples_per_s', '')} |")
             continue
         epoch_min = 68686 / r["samples_per_s"] / 60
         lines.append(f"| {r['setting']} | {r['backend']} | {r['samples_per_step']} | {r['samples_per_s']:.2f} | "

@@ -38,10 +38,23 @@ def test_train_speed_table_formats_results_and_failures():
     rows = [{"setting": "fast", "backend": "unsloth", "samples_per_step": 128, "samples_per_s": 32.66,
              "real_tokens_per_s": 3967.2, "peak_allocated_gib": 25.35, "peak_reserved_gib": 26.17,
              "time_to_first_step_s": 26.16},
-            {"setting": "broken", "exit_code": 1}]
+            {"setting": "broken", "exit_code": 1},
+            {"setting": "two_steps", "exit_code": 0, "recipe_eval_samples_per_s": 56.49}]  # eval-only run
     lines = train_speed.table(rows).splitlines()
     assert lines[2] == "| fast | unsloth | 128 | 32.66 | 3967 | 25.4 | 26.2 | 26.2 | 35 min |  |  |"
-    assert lines[3] == "| broken | failed (exit 1) | | | | | | | | | |"
+    assert lines[3] == "| broken | failed (exit 1) | | | | | | | |  |  |"
+    assert lines[4] == "| two_steps | no steady steps | | | | | | | |  | 56.49 |"
+
+
+def test_recipe_eval_takes_its_own_rows_and_overrides_last(tmp_path):
+    args = train_speed.parse_args(["--model-dir", "/m", "--data", "d.parquet", "--settings=", "--eval-rows", "512",
+                                   "--recipe-eval", "--recipe-eval-rows", "7632",
+                                   "--recipe-eval-set", "model.backend=transformers"])
+    command, rows = train_speed.recipe_eval_command(tmp_path, "recipes/qwen25vl_latex_fast.yaml",
+                                                    ["model.backend=unsloth"], args)
+    sets = [command[i + 1] for i, part in enumerate(command) if part == "--set"]
+    assert command[3:5] == ["eval", str(tmp_path)] and rows == 7632 and "eval.max_samples=7632" in sets
+    assert sets[-2:] == ["model.backend=unsloth", "model.backend=transformers"]  # --recipe-eval-set wins
 
 
 def test_train_speed_times_the_recipes_own_eval_step_when_asked():
