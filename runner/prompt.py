@@ -119,9 +119,10 @@ def stop_token_ids(processor) -> list[int]:
 
 @torch.no_grad()
 def generate(model, processor, images: list[Image.Image], instruction: str, max_new_tokens: int,
-             kv_cache: str = "dynamic") -> list[str]:
+             kv_cache: str = "dynamic", logits_processor=None) -> list[str]:
     """Greedy answers (assistant text only, special tokens removed) for a batch of images. `kv_cache="static"`
-    lets transformers compile the decode step on a GPU (see eval.kv_cache in schemas/eval.schema.json)."""
+    lets transformers compile the decode step on a GPU (see eval.kv_cache in schemas/eval.schema.json);
+    `logits_processor` is handed to `model.generate` (bench/generate_variants.py ends answers at real lengths)."""
     batch = generation_batch(processor, images, instruction)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
@@ -129,6 +130,7 @@ def generate(model, processor, images: list[Image.Image], instruction: str, max_
     output = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
         pad_token_id=processor.tokenizer.pad_token_id, cache_implementation="static" if kv_cache == "static" else None,
+        logits_processor=logits_processor,
     )
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

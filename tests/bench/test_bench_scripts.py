@@ -119,3 +119,51 @@ def test_generate_variants_arguments():
     assert (args.backend, args.cache, args.batch_size, args.new_tokens) == ("unsloth", "static", 512, 64)
     with pytest.raises(SystemExit):
         generate_variants.parse_args(["--model-dir", "/m", "--data", "d", "--cache", "paged"])
+
+
+def test_stop_at_reference_length_lets_each_row_end_where_its_reference_ends():
+    import torch
+
+    from bench.generate_variants import StopAtReferenceLength
+
+    stop = StopAtReferenceLength(prompt_length=5, lengths=[2, 4], end_id=7)
+    scores = torch.zeros(2, 10)
+    after_two = stop(torch.zeros(2, 5 + 2, dtype=torch.long), scores)  # both rows have generated 2 tokens
+    assert after_two[0].argmax() == 7 and torch.isinf(after_two[0, :7]).all()  # row 0 must end now
+    assert torch.equal(after_two[1], scores[1])  # row 1 goes on untouched
+    assert stop(torch.zeros(2, 5 + 4, dtype=torch.long), scores).argmax(dim=1).tolist() == [7, 7]
+
+
+def test_generate_variants_runs_on_the_tiny_model_with_reference_answer_lengths(tiny_assets, tmp_path):
+    import json
+
+    from bench import generate_variants
+
+    out = tmp_path / "gen.jsonl"
+    generate_variants.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]),
+                            "--recipe", "recipes/smoke_tiny.yaml", "--batch-size", "3", "--batches", "1",
+                            "--new-tokens", "300", "--answer-lengths", "reference", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["answer_lengths"] == "reference" and len(result["batches"]) == 2
+    for batch in result["batches"]:  # each batch decodes its longest reference answer plus the end token
+        assert 1 < batch["mean_answer_tokens"] < batch["decoded_tokens"] <= 300
+
+
+def test_reference_lengths_end_the_tiny_models_answers_there(tiny_assets, tiny_processor):
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, LogitsProcessorList
+
+    from bench.generate_variants import StopAtReferenceLength
+    from runner.prompt import END_OF_TURN, generation_batch
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_assets["model"], dtype=torch.float32)
+    images = [Image.new("RGB", (64, 32), "white"), Image.new("RGB", (96, 32), "white")]
+    batch = generation_batch(tiny_processor, images, "Write the LaTeX.")
+    end_id = tiny_processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    prompt_length, lengths = batch["input_ids"].shape[1], [3, 9]
+    output = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=[end_id],
+                            pad_token_id=tiny_processor.tokenizer.pad_token_id,
+                            logits_processor=LogitsProcessorList([StopAtReferenceLength(prompt_length, lengths, end_id)]))
+    new = output[:, prompt_length:].tolist()
+    assert [row.index(end_id) for row in new] == lengths  # each answer ends right after its reference's length
