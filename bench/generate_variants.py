@@ -5,7 +5,8 @@ weights during generation, as runner.evaluate does), and times `runner.prompt.ge
 length-sorted as the eval step sorts them. Each batch is timed twice: once with 1 new token (prefill: vision tower
 and prompt) and once with `--new-tokens` (random weights never stop early, so every row decodes all of them).
 Variants: the backend, the batch size, transformers' KV cache kind (`static` lets generate compile the decode step
-into CUDA graphs) and Unsloth's own generate (UNSLOTH_DISABLE_FAST_GENERATION=0). `--answer-lengths reference`
+into CUDA graphs), Unsloth's own generate (UNSLOTH_DISABLE_FAST_GENERATION=0) and the decode-step attention
+(`--decode-attention grouped`: bench/grouped_decode_attention.py). `--answer-lengths reference`
 ends each answer where its reference answer ends (its token count, then the end token), as a model that reads the
 formulas right would: a batch then decodes as long as its longest answer, up to `--new-tokens`.
 
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, default=4, help="batches timed after one warm-up batch")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
+    parser.add_argument("--decode-attention", choices=("sdpa", "grouped"), default="sdpa",
+                        help="grouped: bench/grouped_decode_attention.py (no KV copy per query head in decode steps)")
     parser.add_argument("--answer-lengths", choices=("forced", "reference"), default="forced",
                         help="forced: every row decodes --new-tokens; reference: each row stops at its reference "
                         "answer's length (--new-tokens is then the cap, as eval.max_new_tokens)")
@@ -85,6 +88,10 @@ def main(argv=None) -> None:
     if not args.no_lora:
         model = backend.attach_lora(model, recipe["lora"])
     model = backend.prepare_for_inference(model)
+    if args.decode_attention == "grouped":
+        from bench.grouped_decode_attention import use_grouped_decode_attention
+
+        use_grouped_decode_attention(model)
     load_s = time.perf_counter() - started
     model.generation_config.min_new_tokens = args.new_tokens
     if args.cache == "static":
@@ -137,6 +144,7 @@ def main(argv=None) -> None:
     result = {"name": args.name or f"{args.backend}-{args.cache}-bs{args.batch_size}", "backend": args.backend,
               "quantization": recipe["model"]["quantization"], "lora": not args.no_lora, "cache": args.cache,
               "batch_size": args.batch_size, "new_tokens": args.new_tokens, "answer_lengths": args.answer_lengths,
+              "decode_attention": args.decode_attention,
               "unsloth_fast_generation_disabled": os.environ.get("UNSLOTH_DISABLE_FAST_GENERATION"),
               "load_s": round(load_s, 1), "steady_samples_per_s": round(rows_s, 2),
               "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None, "batches": batches,

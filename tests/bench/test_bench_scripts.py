@@ -142,9 +142,11 @@ def test_generate_variants_runs_on_the_tiny_model_with_reference_answer_lengths(
     out = tmp_path / "gen.jsonl"
     generate_variants.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]),
                             "--recipe", "recipes/smoke_tiny.yaml", "--batch-size", "3", "--batches", "1",
-                            "--new-tokens", "300", "--answer-lengths", "reference", "--out", str(out)])
+                            "--new-tokens", "300", "--answer-lengths", "reference", "--decode-attention", "grouped",
+                            "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["answer_lengths"] == "reference" and len(result["batches"]) == 2
+    assert result["answer_lengths"] == "reference" and result["decode_attention"] == "grouped"
+    assert len(result["batches"]) == 2
     for batch in result["batches"]:  # each batch decodes its longest reference answer plus the end token
         assert 1 < batch["mean_answer_tokens"] < batch["decoded_tokens"] <= 300
 
