@@ -107,12 +107,12 @@ def dequantized(model, dequantize: str):
             for adapter in adapters:
                 if adapter in wrapper.lora_A:
                     weight += wrapper.get_delta_weight(adapter).to(dtype)
+            # built on the meta device: no second, randomly initialised weight is allocated before it is replaced
             dense = DequantizedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                    device=weight.device, dtype=dtype)
-            dense.weight.data = weight
+                                      device="meta", dtype=dtype)
+            dense.weight = torch.nn.Parameter(weight, requires_grad=False)
             if layer.bias is not None:
-                dense.bias.data = layer.bias.data.to(dtype)
-            dense.requires_grad_(False)
+                dense.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
             setattr(parent, name, dense)
             swapped.append((parent, name, layer, wrapper, list(wrapper.merged_adapters) if wrapper else None))
             if wrapper is not None:
