@@ -6,7 +6,7 @@ length-sorted as the eval step sorts them. Each batch is timed twice: once with 
 and prompt) and once with `--new-tokens` (random weights never stop early, so every row decodes all of them).
 Variants: the backend, the batch size, transformers' KV cache kind (`static` lets generate compile the decode step
 into CUDA graphs), Unsloth's own generate (UNSLOTH_DISABLE_FAST_GENERATION=0) and the decode-step attention
-(`--decode-attention`: eval.decode_attention, runner/decode_attention.py). `--answer-lengths reference`
+(`--decode-attention grouped`: bench/grouped_decode_attention.py). `--answer-lengths reference`
 ends each answer where its reference answer ends (its token count, then the end token), as a model that reads the
 formulas right would: a batch then decodes as long as its longest answer, up to `--new-tokens`.
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
     parser.add_argument("--decode-attention", choices=("sdpa", "grouped"), default="sdpa",
-                        help="eval.decode_attention (grouped: no KV cache copy per query head in decode steps)")
+                        help="grouped: bench/grouped_decode_attention.py (no KV copy per query head in decode steps)")
     parser.add_argument("--answer-lengths", choices=("forced", "reference"), default="forced",
                         help="forced: every row decodes --new-tokens; reference: each row stops at its reference "
                         "answer's length (--new-tokens is then the cap, as eval.max_new_tokens)")
@@ -79,7 +79,6 @@ def main(argv=None) -> None:
 
     from bench.common import device_name, versions
     from runner.data import prepare
-    from runner.decode_attention import decode_attention
     from runner.evaluate import length_sorted_batches
     from runner.eval_weights import generation_weights
     from runner.prompt import decode_image, generate, text_of
@@ -89,6 +88,10 @@ def main(argv=None) -> None:
     if not args.no_lora:
         model = backend.attach_lora(model, recipe["lora"])
     model = backend.prepare_for_inference(model)
+    if args.decode_attention == "grouped":
+        from bench.grouped_decode_attention import use_grouped_decode_attention
+
+        use_grouped_decode_attention(model)
     load_s = time.perf_counter() - started
     model.generation_config.min_new_tokens = args.new_tokens
     if args.cache == "static":
@@ -117,7 +120,7 @@ def main(argv=None) -> None:
         return time.perf_counter() - t
 
     batches = []
-    with torch.no_grad(), generation_weights(model, "auto"), decode_attention(model, args.decode_attention):
+    with torch.no_grad(), generation_weights(model, "auto"):
         for i, positions in enumerate(length_sorted_batches(rows, args.batch_size)):
             batch = rows.select(positions)
             images = [decode_image(value, None) for value in batch["image"]]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .decode_attention import decode_attention, decode_attention_kind
 from .eval_weights import generation_weights, is_quantized
 from .metrics import corpus_metrics, row_metrics
 from .prompt import decode_image, generate, text_of
@@ -55,8 +54,7 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
-          generation_weights(model, eval_cfg["dequantize"]),
-          decode_attention(model, decode_attention_kind(eval_cfg["decode_attention"], model))):
+          generation_weights(model, eval_cfg["dequantize"])):
         kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
         batches = length_sorted_batches(rows, batch_size)
         for positions in batches:
