@@ -131,9 +131,12 @@ def test_deepspeed_zero_trains_like_one_process_and_rank_0_saves_the_whole_adapt
      "distributed.fsdp_cpu_offload", "applies to strategy fsdp only, not ddp"),
     (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "model.backend=unsloth",
       "distributed.gpus_for_test=1"], "distributed.strategy", "deepspeed needs the transformers backend"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "model.quantization=8bit",
+      "distributed.gpus_for_test=1"], "distributed.strategy", "deepspeed with 8bit (bitsandbytes int8) weights is "
+     "not supported here; use model.quantization: 4bit or none, or strategy: ddp"),
     (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "model.quantization=4bit",
-      "distributed.gpus_for_test=1"], "distributed.strategy", "deepspeed with 4bit (bitsandbytes) weights is not "
-     "supported here; use model.quantization: none, or strategy: fsdp (4-bit) or ddp"),
+      "distributed.deepspeed_stage=3", "distributed.gpus_for_test=1"], "distributed.deepspeed_stage",
+     "3 with 4-bit weights is not supported here"),
     (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "train.optimizer=adamw_8bit",
       "distributed.gpus_for_test=1"], "train.optimizer", "adamw_8bit under deepspeed"),
     (["distributed.strategy=ddp", "distributed.processes_per_node=2", "distributed.deepspeed_cpu_offload=true"],
