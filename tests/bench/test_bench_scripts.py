@@ -169,3 +169,26 @@ def test_reference_lengths_end_the_tiny_models_answers_there(tiny_assets, tiny_p
                             logits_processor=LogitsProcessorList([StopAtReferenceLength(prompt_length, lengths, end_id)]))
     new = output[:, prompt_length:].tolist()
     assert [row.index(end_id) for row in new] == lengths  # each answer ends right after its reference's length
+
+
+def test_eval_batch_order_counts_each_batch_up_to_its_longest_answer():
+    from bench.eval_batch_order import decode_steps
+
+    answer_steps = [10, 2, 9, 3, 300]
+    assert decode_steps([0, 2, 1, 3], answer_steps, 2, 256) == {"decode_steps": 13, "useful_fraction": 0.9231}
+    assert decode_steps([0, 1, 2, 3], answer_steps, 2, 256)["decode_steps"] == 19  # a long and a short row together
+    assert decode_steps([4], answer_steps, 2, 256) == {"decode_steps": 256, "useful_fraction": 0.5}  # capped
+
+
+def test_eval_batch_order_runs_on_formula_images(tiny_assets, tmp_path):
+    import json
+
+    from bench import eval_batch_order
+
+    out = tmp_path / "order.json"
+    eval_batch_order.main(["--data", str(tiny_assets["train"]), "--batch-size", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    orders = result["orders"]
+    assert result["rows"] > 8 and result["answers_over_cap"] == 0
+    oracle = orders["reference_answer_length (oracle)"]["decode_steps"]
+    assert all(oracle <= order["decode_steps"] for order in orders.values())  # no order beats the answers' own
