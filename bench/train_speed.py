@@ -94,7 +94,8 @@ def run_setting(name: str, recipe: str, overrides: list[str], steps: int, args) 
         if "eval" in metrics:
             after = metrics["eval"]["after"]
             row.update(eval_samples_per_s=after["samples_per_s"], eval_rows=after["rows"],
-                       eval_new_tokens=args.eval_new_tokens, eval_step_s=metrics["timings_s"].get("eval"))
+                       eval_new_tokens=args.eval_new_tokens, eval_step_s=metrics["timings_s"].get("eval"),
+                       eval_peak_allocated_gib=after.get("peak_allocated_gib"))
         if args.recipe_eval:
             row.update(recipe_eval(runs[-1].parent, recipe, overrides, args))
     return row
@@ -120,7 +121,8 @@ def recipe_eval(run_dir: Path, recipe: str, overrides: list[str], args) -> dict:
     metrics_file = run_dir / "recipe-eval" / "metrics.json"
     if result.returncode == 0 and metrics_file.exists():
         after = json.loads(metrics_file.read_text())["after"]
-        figures.update(recipe_eval_samples_per_s=after["samples_per_s"], recipe_eval_seconds=after["seconds"])
+        figures.update(recipe_eval_samples_per_s=after["samples_per_s"], recipe_eval_seconds=after["seconds"],
+                       recipe_eval_peak_allocated_gib=after.get("peak_allocated_gib"))
     return figures
 
 

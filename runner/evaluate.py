@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .eval_weights import generation_weights, is_quantized
@@ -52,6 +53,8 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
+    if torch.cuda.is_available():  # the eval step's own peak: weights copies, KV cache, batches
+        torch.cuda.reset_peak_memory_stats()
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
           generation_weights(model, eval_cfg["dequantize"])):
@@ -81,6 +84,9 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
                              [{k: v for k, v in r.items() if k not in ("row_id", "reference", "prediction")}
                               for r in results])
     metrics.update(seconds=round(seconds, 2), samples_per_s=round(len(results) / seconds, 3))
+    if torch.cuda.is_available():
+        metrics.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
     log.info("%s: exact match %.3f (%d/%d), edit distance %.4f (normalized %.4f), BLEU %.4f, %.2f samples/s",
              label, metrics.get("exact_match", 0), sum(r["exact_match"] for r in results), len(results),
              metrics.get("edit_distance", 0), metrics.get("edit_distance_normalized", 0), metrics["bleu"],
