@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 from . import distributed
 from .checkpoints import RecordStatus, SaveEveryMinutes, StopOnSignal
 from .errors import NonFiniteLoss
+from .profiling import ProfileSteps
 from .prompt import decode_image, text_of, training_batch
 
 log = logging.getLogger("runner")
@@ -226,6 +227,8 @@ def callbacks(train_cfg: dict, output_dir: Path, counter: TokenCounter) -> tuple
     speed = SpeedMeter(counter, train_cfg["batch_size"] * train_cfg["gradient_accumulation_steps"] * processes)
     stop = StopOnSignal()
     every = [speed, SaveEveryMinutes(train_cfg["save_every_minutes"]), stop]
+    if train_cfg["profile_steps"]:
+        every.append(ProfileSteps(train_cfg["profile_steps"], output_dir))
     if distributed.is_main():  # rank 0 alone writes the run directory's log, TensorBoard events and status
         tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
         every = [LogToFile(), tensorboard, RecordStatus(output_dir), *every]
