@@ -6,7 +6,8 @@ length-sorted as the eval step sorts them. Each batch is timed twice: once with 
 and prompt) and once with `--new-tokens` (random weights never stop early, so every row decodes all of them).
 Variants: the backend, the batch size, transformers' KV cache kind (`static` lets generate compile the decode step
 into CUDA graphs), Unsloth's own generate (UNSLOTH_DISABLE_FAST_GENERATION=0) and the decode-step attention
-(`--decode-attention grouped`: bench/grouped_decode_attention.py). `--answer-lengths reference`
+(`--decode-attention grouped`: bench/grouped_decode_attention.py). `--profile FILE` writes a
+torch.profiler table of the first steady batch. `--answer-lengths reference`
 ends each answer where its reference answer ends (its token count, then the end token), as a model that reads the
 formulas right would: a batch then decodes as long as its longest answer, up to `--new-tokens`.
 
@@ -40,6 +41,8 @@ def parse_args(argv=None):
                         help="forced: every row decodes --new-tokens; reference: each row stops at its reference "
                         "answer's length (--new-tokens is then the cap, as eval.max_new_tokens)")
     parser.add_argument("--no-lora", action="store_true", help="the bare model, as bench/eval_speed.py times it")
+    parser.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table (kernels and "
+                        "operators by device time) of the second batch's generation to this file")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file; one line per variant is appended")
     return parser.parse_args(argv)
@@ -64,6 +67,23 @@ class StopAtReferenceLength:
 
 def reference_lengths(processor, references: list[str]) -> list[int]:
     return [len(ids) for ids in processor.tokenizer(references, add_special_tokens=False)["input_ids"]]
+
+
+def profiled_activities() -> list:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def write_profile(profiler, path: Path, title: str) -> None:
+    import torch
+
+    sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(f"{title}, sorted by {sort_by}\n{profiler.key_averages().table(sort_by=sort_by, row_limit=50)}")
+    print(f"profile: {path}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -133,7 +153,12 @@ def main(argv=None) -> None:
                 decoded = max(lengths) + 1  # the end token too
             else:
                 model.generation_config.min_new_tokens = args.new_tokens
-            total_s = timed(images, args.new_tokens, lengths)
+            if args.profile is not None and i == 1:  # the first steady batch
+                with torch.profiler.profile(activities=profiled_activities()) as profiler:
+                    total_s = timed(images, args.new_tokens, lengths)
+                write_profile(profiler, args.profile, f"{args.name or args.backend}: batch {i}, {len(images)} rows")
+            else:
+                total_s = timed(images, args.new_tokens, lengths)
             batches.append({"batch": i, "rows": len(images), "prefill_s": round(prefill_s, 3),
                             "generate_s": round(total_s, 3), "decoded_tokens": decoded,
                             **({"mean_answer_tokens": round(sum(lengths) / len(lengths), 1)} if lengths else {}),

@@ -143,8 +143,9 @@ def test_generate_variants_runs_on_the_tiny_model_with_reference_answer_lengths(
     generate_variants.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]),
                             "--recipe", "recipes/smoke_tiny.yaml", "--batch-size", "3", "--batches", "1",
                             "--new-tokens", "300", "--answer-lengths", "reference", "--decode-attention", "grouped",
-                            "--out", str(out)])
+                            "--out", str(out), "--profile", str(tmp_path / "profile.txt")])
     result = json.loads(out.read_text())
+    assert "batch 1, 3 rows, sorted by self_cpu_time_total" in (tmp_path / "profile.txt").read_text()
     assert result["answer_lengths"] == "reference" and result["decode_attention"] == "grouped"
     assert len(result["batches"]) == 2
     for batch in result["batches"]:  # each batch decodes its longest reference answer plus the end token
