@@ -41,20 +41,28 @@ def setting(tiny_assets):
     (9, None, list(range(9))),
     (1, 1, [3, 1, 2, 4]),  # row 3 (a 33-token prompt) ends at once; row 1's 43 tokens need a wider cache
 ])
-def test_every_row_gets_the_answer_it_gets_alone(setting, slots, refill_at, order, monkeypatch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_every_row_gets_the_answer_it_gets_alone(setting, slots, refill_at, order, cache, monkeypatch):
     model, processor, images, alone = setting
     prefills, widened = [], []
-    original, original_pad = refill._prefill, refill._left_pad
+    original, original_pad = refill._prefill, refill.GrowingSlots._left_pad
     monkeypatch.setattr(refill, "_prefill", lambda *a: prefills.append(len(a[2])) or original(*a))
-    monkeypatch.setattr(refill, "_left_pad", lambda *a: widened.append(a[2]) or original_pad(*a))
+    monkeypatch.setattr(refill.GrowingSlots, "_left_pad", lambda self, n: widened.append(n) or original_pad(self, n))
+    rings, original_ring = [], refill.RingSlots.__init__
+    monkeypatch.setattr(refill.RingSlots, "__init__", lambda self, *a: rings.append(self) or original_ring(self, *a))
+    if cache == "static":  # the ring is sized by the first rows' prompts: longest first, as the eval step sorts
+        lengths = {i: generation_batch(processor, [images[i]], INSTRUCTION)["input_ids"].shape[1] for i in order}
+        order = sorted(order, key=lambda i: -lengths[i])
     got = refill.refill_generate(model, processor, [images[i] for i in order], INSTRUCTION,
-                                 [CAPS[i] for i in order], slots=slots, refill_at=refill_at)
+                                 [CAPS[i] for i in order], slots=slots, refill_at=refill_at, cache=cache)
     assert got == [alone[i] for i in order]
     assert sum(prefills) == len(order) and prefills[0] == min(slots, len(order))
     if slots < len(order):
         assert len(prefills) > 1  # rows were written into ended slots
-    if slots == 1:
-        assert widened  # a new row's prompt was longer than the cache: padded on the left
+    if slots == 1 and cache == "dynamic":
+        assert widened
+    if slots == 1 and cache == "static":
+        assert rings[0].column > rings[0].width  # the ring wrapped around and kept the answers right  # a new row's prompt was longer than the cache: padded on the left
 
 
 def test_positions_follow_the_rows_real_length_not_the_padded_one(setting, monkeypatch):
@@ -91,6 +99,15 @@ def test_the_benchmark_times_both_paths_on_the_same_rows_and_compares_their_answ
                  "recipes/smoke_tiny.yaml", "--rows", "6", "--batch-size", "3", "--new-tokens", "40",
                  "--cache", "dynamic", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["rows"] == 6 and result["batched_s"] > 0 and result["refilled_s"] > 0
+    assert result["rows"] == 6 and result["batched_s"] > 0
+    assert result["refilled_dynamic_s"] > 0 and result["refilled_static_s"] > 0
     assert 1 < result["mean_answer_tokens"] <= 40
-    assert result["same_answers"] == 1.0  # float32: both paths give each row the same greedy answer
+    # float32: every path gives each row the same greedy answer
+    assert result["same_answers_refilled_dynamic"] == result["same_answers_refilled_static"] == 1.0
+
+
+def test_the_static_ring_refuses_a_prompt_longer_than_the_first_rows(setting):
+    model, processor, images, alone = setting
+    with pytest.raises(ValueError, match="longest prompt first"):  # row 3: 33 tokens, row 1: 43
+        refill.refill_generate(model, processor, [images[3], images[1]], INSTRUCTION, [1, 2], slots=1,
+                               cache="static")
