@@ -100,7 +100,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         "--set train.lr=1e-4: train.lr: unknown key (did you mean 'learning_rate'?); allowed keys: method, max_steps, epochs, "
         "batch_size, gradient_accumulation_steps, group_by_length, learning_rate, lr_scheduler, warmup_steps, optimizer, weight_decay, "
         "max_grad_norm, gradient_checkpointing, precision, logging_steps, save_steps, save_every_minutes, save_total_limit, seed, "
-        "dataloader_workers",
+        "dataloader_workers, profile_steps",
     ]
 
 

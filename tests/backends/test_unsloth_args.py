@@ -65,8 +65,9 @@ def test_every_train_key_lands_in_sft_config(tmp_path):
                "learning_rate": 1e-5, "lr_scheduler": "cosine", "warmup_steps": 9, "optimizer": "sgd",
                "weight_decay": 0.1, "max_grad_norm": 0.5, "gradient_checkpointing": False, "precision": "fp32",
                "logging_steps": 3, "save_steps": 11, "save_total_limit": 4, "seed": 5, "dataloader_workers": 2}
-    # save_every_minutes is a callback (runner/checkpoints.py); method picks the trainer (runner/run.py:train_step)
-    assert set(changed) == set(train) - {"save_every_minutes", "method"}
+    # save_every_minutes and profile_steps are callbacks (runner/checkpoints.py, runner/profiling.py); method picks
+    # the trainer (runner/run.py:train_step)
+    assert set(changed) == set(train) - {"save_every_minutes", "profile_steps", "method"}
     base = sft_config(train, tmp_path, 256).to_dict()
     for key, value in changed.items():
         if key == "precision":
