@@ -40,7 +40,9 @@ def _prefill(model, processor, images, instruction):
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     out = model(**batch, past_key_values=DynamicCache(), use_cache=True)
     # as transformers' generate: a decode step's text position is the row's real token count + its rope delta
-    positions = batch["attention_mask"].sum(-1) + _language_model_owner(model).rope_deltas.reshape(-1)
+    owner = _language_model_owner(model)
+    positions = batch["attention_mask"].sum(-1) + owner.rope_deltas.reshape(-1)
+    owner.rope_deltas = None  # decode steps get explicit positions; a batch-sized tensor here would recompile them
     return out.past_key_values, batch["attention_mask"], out.logits[:, -1], positions
 
 

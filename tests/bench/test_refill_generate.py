@@ -111,3 +111,18 @@ def test_the_static_ring_refuses_a_prompt_longer_than_the_first_rows(setting):
     with pytest.raises(ValueError, match="longest prompt first"):  # row 3: 33 tokens, row 1: 43
         refill.refill_generate(model, processor, [images[3], images[1]], INSTRUCTION, [1, 2], slots=1,
                                cache="static")
+
+
+@pytest.mark.slow
+def test_the_compiled_ring_compiles_its_decode_step_once(setting, monkeypatch):
+    model, processor, images, alone = setting
+    order = sorted(range(len(images)), key=lambda i: -generation_batch(processor, [images[i]], INSTRUCTION)[
+        "input_ids"].shape[1])  # longest prompts first; refills of 1-3 rows, each a new batch size for the prefill
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would cost ~40 s on a GPU
+    try:
+        got = refill.refill_generate(model, processor, [images[i] for i in order], INSTRUCTION,
+                                     [CAPS[i] for i in order], slots=3, refill_at=1, cache="static", compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert got == [alone[i] for i in order]
