@@ -8,7 +8,8 @@ ZeRO, from the arguments built here), shards every batch across the ranks and av
 GPUs, gloo on CPUs). This module never spawns processes or syncs gradients itself.
 
 Rank 0 alone writes the run directory (log, status, TensorBoard, metrics, checkpoints), evaluates and exports;
-the other ranks log warnings to the console with their rank in front and write nothing there.
+the other ranks log warnings to the console with their rank in front and write nothing there (except their own
+profile with train.profile_steps, runner/profiling.py).
 """
 
 from __future__ import annotations
