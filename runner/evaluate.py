@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .eval_weights import generation_weights, is_quantized
 from .metrics import corpus_metrics, row_metrics
 from .prompt import decode_image, generate, text_of
+from .refill import refill_generate
 
 log = logging.getLogger("runner")
 
@@ -45,6 +46,33 @@ def kv_cache_kind(requested: str, model) -> str:
     return "dynamic" if is_quantized(model) or "unsloth" in sys.modules else "static"
 
 
+class _Images:
+    """The rows' images in `order`, decoded only when generation reaches them."""
+
+    def __init__(self, rows, order: list[int], image_column: str, base_dir):
+        self.values, self.order, self.base_dir = rows.select_columns([image_column]), order, base_dir
+        self.column = image_column
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int):
+        return decode_image(self.values[self.order[index]][self.column], self.base_dir)
+
+
+def _generate_batches(model, processor, images: _Images, eval_cfg, instruction, kv_cache, answered) -> None:
+    """`eval.batching: batches`: each batch of similar prompt lengths decodes until its longest answer ends."""
+    size = eval_cfg["batch_size"]
+    for start in range(0, len(images), size):
+        batch = [images[i] for i in range(start, min(start + size, len(images)))]
+        real = len(batch)
+        if kv_cache == "static":  # a new batch size would compile the decode step again
+            batch += batch[-1:] * (min(size, len(images)) - real)
+        predictions = generate(model, processor, batch, instruction, eval_cfg["max_new_tokens"], kv_cache)
+        for i, prediction in enumerate(predictions[:real]):
+            answered(start + i, prediction)
+
+
 def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: tuple[str, str], base_dir,
              out_file: Path, label: str = "eval") -> tuple[dict, list[dict]]:
     """Generates answers for the first `eval.max_samples` rows; returns (corpus metrics, per-row results)."""
@@ -52,30 +80,35 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     rows = limit_rows(rows, eval_cfg["max_samples"])
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    batch_size, started, results = eval_cfg["batch_size"], time.perf_counter(), []
+    started, results = time.perf_counter(), []
     if torch.cuda.is_available():  # the eval step's own peak: weights copies, KV cache, batches
         torch.cuda.reset_peak_memory_stats()
+    # longest prompts first: batches pad little, and the static ring is sized by its first rows
+    order = [position for batch in length_sorted_batches(rows, len(rows) or 1) for position in batch]
+    images, labels = _Images(rows, order, image_column, base_dir), rows.select_columns(["row_id", text_column])
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
           generation_weights(model, eval_cfg["dequantize"])):
+
+        def answered(index: int, prediction: str) -> None:
+            position = order[index]
+            row = labels[position]
+            result = {"row_id": row["row_id"], "reference": (reference := text_of(row[text_column])),
+                      "prediction": prediction, **row_metrics(reference, prediction)}
+            results.append((position, result))
+            partial_file.write(json.dumps(result) + "\n")
+            bar.update(1)
+            if bar.n % 32 == 0 or bar.n == bar.total:
+                partial_file.flush()
+                bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
+
         kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
-        batches = length_sorted_batches(rows, batch_size)
-        for positions in batches:
-            batch = rows.select(positions)
-            images = [decode_image(value, base_dir) for value in batch[image_column]]
-            if kv_cache == "static":  # a new batch size would compile the decode step again
-                images += images[-1:] * (len(batches[0]) - len(images))
-            predictions = generate(model, processor, images, instruction, eval_cfg["max_new_tokens"],
-                                   kv_cache)[: len(positions)]
-            references = [text_of(value) for value in batch[text_column]]
-            for position, row_id, reference, prediction in zip(positions, batch["row_id"], references, predictions):
-                result = {"row_id": row_id, "reference": reference, "prediction": prediction,
-                          **row_metrics(reference, prediction)}
-                results.append((position, result))
-                partial_file.write(json.dumps(result) + "\n")
-            partial_file.flush()
-            bar.update(len(predictions))
-            bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
+        if eval_cfg["batching"] == "refill":
+            refill_generate(model, processor, images, instruction, eval_cfg["max_new_tokens"],
+                            eval_cfg["batch_size"], cache=kv_cache, compile=torch.cuda.is_available(),
+                            on_answer=answered)
+        else:
+            _generate_batches(model, processor, images, eval_cfg, instruction, kv_cache, answered)
     seconds = time.perf_counter() - started
     results = [result for _, result in sorted(results, key=lambda item: item[0])]
     out_file.write_text("".join(json.dumps(result) + "\n" for result in results))

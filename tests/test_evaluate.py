@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -17,9 +19,11 @@ def test_batches_hold_prompts_of_similar_length_longest_first():
     assert length_sorted_batches(Dataset.from_dict({"row_id": [5, 6, 7]}), 2) == [[0, 1], [2]]
 
 
-def test_the_static_kv_cache_answers_as_the_dynamic_one_with_a_filled_up_last_batch(tiny_assets, tmp_path):
-    """eval.kv_cache: static reuses one cache (and on a GPU one compiled decode step) for every batch, filling the
-    last, smaller batch up with repeats; the answers must be the dynamic cache's, row for row (greedy, float32)."""
+@pytest.mark.slow
+def test_refill_and_batches_with_either_cache_give_every_row_the_same_answer(tiny_assets, tmp_path):
+    """eval.batching: refill (slots refilled as rows end) and batches (a static cache reused by every batch, the last,
+    smaller one filled up with repeats) must give the same answers, row for row (greedy, float32), written in the
+    rows' order, with nothing left in a partial file."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from runner.data import prepare
@@ -33,14 +37,21 @@ def test_the_static_kv_cache_answers_as_the_dynamic_one_with_a_filled_up_last_ba
     rows = prepare(dataset_cfg, processor, 2048).train
     model = AutoModelForImageTextToText.from_pretrained(tiny_assets["model"], dtype=torch.float32)
     eval_cfg = {k: p["default"] for k, p in schema["eval"]["properties"].items()}
+    assert eval_cfg["batching"] == "refill"
     answers = {}
-    for kv_cache in ("dynamic", "static"):
-        cfg = {**eval_cfg, "max_samples": 7, "batch_size": 3, "max_new_tokens": 12, "kv_cache": kv_cache}
-        _, results = evaluate(model, processor, rows, cfg, dataset_cfg["instruction"], ("image", "text"),
-                              tiny_assets["train"].parent, tmp_path / f"{kv_cache}.jsonl", kv_cache)
-        answers[kv_cache] = [(r["row_id"], r["prediction"]) for r in results]
-    assert len(answers["static"]) == 7 and any(prediction for _, prediction in answers["static"])
-    assert answers["static"] == answers["dynamic"]
+    for batching in ("refill", "batches"):
+        for kv_cache in ("dynamic", "static"):
+            cfg = {**eval_cfg, "max_samples": 7, "batch_size": 3, "max_new_tokens": 12, "kv_cache": kv_cache,
+                   "batching": batching}
+            out = tmp_path / f"{batching}-{kv_cache}.jsonl"
+            _, results = evaluate(model, processor, rows, cfg, dataset_cfg["instruction"], ("image", "text"),
+                                  tiny_assets["train"].parent, out, kv_cache)
+            answers[batching, kv_cache] = [(r["row_id"], r["prediction"]) for r in results]
+            assert [json.loads(line)["row_id"] for line in out.read_text().splitlines()] == rows["row_id"][:7]
+            assert not out.with_name(out.name + ".partial").exists()
+    first = answers["refill", "dynamic"]
+    assert len(first) == 7 and len({prediction for _, prediction in first}) > 1
+    assert all(got == first for got in answers.values()), answers
 
 
 def test_auto_kv_cache_is_static_only_where_transformers_can_compile_the_decode_step(monkeypatch):

@@ -193,3 +193,21 @@ def test_eval_batch_order_runs_on_formula_images(tiny_assets, tmp_path):
     assert result["rows"] > 8 and result["answers_over_cap"] == 0
     oracle = orders["reference_answer_length (oracle)"]["decode_steps"]
     assert all(oracle <= order["decode_steps"] for order in orders.values())  # no order beats the answers' own
+
+
+@pytest.mark.slow
+def test_refill_generate_times_batches_and_both_refill_layouts_on_the_same_rows(tiny_assets, tmp_path):
+    import json
+
+    from bench import refill_generate
+
+    out = tmp_path / "refill.json"
+    refill_generate.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]),
+                          "--recipe", "recipes/smoke_tiny.yaml", "--rows", "6", "--batch-size", "3",
+                          "--new-tokens", "40", "--cache", "dynamic", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] == 6 and result["batched_s"] > 0
+    assert result["refilled_dynamic_s"] > 0 and result["refilled_static_s"] > 0
+    assert 1 < result["mean_answer_tokens"] <= 40
+    # float32: every path gives each row the same greedy answer
+    assert result["same_answers_refilled_dynamic"] == result["same_answers_refilled_static"] == 1.0

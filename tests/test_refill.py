@@ -1,4 +1,5 @@
-"""The refilling generator gives each row the answer transformers' generate gives that row alone (CPU, float32)."""
+"""The refilling generator (eval.batching: refill) gives each row the answer transformers' generate gives that row
+alone (CPU, float32)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bench import refill_generate as refill
+from runner import refill
 from runner.prompt import decode_image, generation_batch, stop_token_ids
 
 INSTRUCTION = "Write the LaTeX representation for this image."
@@ -91,19 +92,24 @@ def test_it_runs_through_peft_and_a_single_cap(setting):
     assert got == reference and all(len(a) > 0 for a in got)
 
 
-def test_the_benchmark_times_both_paths_on_the_same_rows_and_compares_their_answers(tiny_assets, tmp_path):
-    import json
+def test_rows_are_read_once_as_they_are_prefilled_and_reported_as_they_end(setting):
+    model, processor, images, alone = setting
+    reads, ended = [], []
 
-    out = tmp_path / "refill.json"
-    refill.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]), "--recipe",
-                 "recipes/smoke_tiny.yaml", "--rows", "6", "--batch-size", "3", "--new-tokens", "40",
-                 "--cache", "dynamic", "--out", str(out)])
-    result = json.loads(out.read_text())
-    assert result["rows"] == 6 and result["batched_s"] > 0
-    assert result["refilled_dynamic_s"] > 0 and result["refilled_static_s"] > 0
-    assert 1 < result["mean_answer_tokens"] <= 40
-    # float32: every path gives each row the same greedy answer
-    assert result["same_answers_refilled_dynamic"] == result["same_answers_refilled_static"] == 1.0
+    class Images:  # the eval step passes rows that decode their image only when asked
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return images[index]
+
+    got = refill.refill_generate(model, processor, Images(), INSTRUCTION, CAPS, slots=3, refill_at=1,
+                                 on_answer=lambda index, text: ended.append((index, text)))
+    assert got == alone and sorted(reads) == list(range(len(images)))
+    assert sorted(ended) == list(enumerate(alone))
+    assert [index for index, _ in ended][:2] != [0, 1]  # in ending order: row 3 (cap 1) ends before rows 0 and 1
+    assert refill.refill_generate(model, processor, [], INSTRUCTION, 5, slots=3) == []
 
 
 def test_the_static_ring_refuses_a_prompt_longer_than_the_first_rows(setting):
