@@ -211,3 +211,12 @@ def test_refill_generate_times_batches_and_both_refill_layouts_on_the_same_rows(
     assert 1 < result["mean_answer_tokens"] <= 40
     # float32: every path gives each row the same greedy answer
     assert result["same_answers_refilled_dynamic"] == result["same_answers_refilled_static"] == 1.0
+
+
+@pytest.mark.slow
+def test_refill_check_compares_refilled_answers_with_each_rows_answer_alone(tmp_path):
+    from bench import refill_check
+
+    result = refill_check.main(["--rows", "6", "--slots", "2", "--new-tokens", "8", "--out", str(tmp_path / "r.json")])
+    assert result["rows"] == 6 and result["distinct_answers"] > 1
+    assert result["same_as_alone_dynamic"] == result["same_as_alone_static"] == 1.0  # float32 on the CPU
