@@ -112,6 +112,18 @@ def test_rows_are_read_once_as_they_are_prefilled_and_reported_as_they_end(setti
     assert refill.refill_generate(model, processor, [], INSTRUCTION, 5, slots=3) == []
 
 
+def test_prefills_compute_logits_for_the_last_position_only(setting):
+    """A prefill's logits over every prompt position would be rows x prompt x vocabulary: ~15 GB for 256 rows."""
+    model, processor, images, alone = setting
+    positions = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    try:
+        got = refill.refill_generate(model, processor, images[:4], INSTRUCTION, CAPS[:4], slots=2, refill_at=1)
+    finally:
+        hook.remove()
+    assert got == alone[:4] and positions and set(positions) == {1}
+
+
 def test_the_static_ring_refuses_a_prompt_longer_than_the_first_rows(setting):
     model, processor, images, alone = setting
     with pytest.raises(ValueError, match="longest prompt first"):  # row 3: 33 tokens, row 1: 43
