@@ -6,6 +6,7 @@ corpus metrics; `runner/report.py` turns one or two such results (before / after
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -47,70 +48,84 @@ def kv_cache_kind(requested: str, model) -> str:
 
 
 class _Images:
-    """The rows' images in `order`, decoded only when generation reaches them."""
+    """The images of the rows at `positions`, decoded only when generation reaches them."""
 
-    def __init__(self, rows, order: list[int], image_column: str, base_dir):
-        self.values, self.order, self.base_dir = rows.select_columns([image_column]), order, base_dir
+    def __init__(self, rows, positions: list[int], image_column: str, base_dir):
+        self.values, self.positions, self.base_dir = rows.select_columns([image_column]), positions, base_dir
         self.column = image_column
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.positions)
 
     def __getitem__(self, index: int):
-        return decode_image(self.values[self.order[index]][self.column], self.base_dir)
+        return decode_image(self.values[self.positions[index]][self.column], self.base_dir)
 
 
-def _generate_batches(model, processor, images: _Images, eval_cfg, instruction, kv_cache, answered) -> None:
-    """`eval.batching: batches`: each batch of similar prompt lengths decodes until its longest answer ends."""
-    size = eval_cfg["batch_size"]
-    for start in range(0, len(images), size):
-        batch = [images[i] for i in range(start, min(start + size, len(images)))]
+def _generate(model, processor, images: _Images, eval_cfg, instruction, kv_cache, slots, answered) -> None:
+    """Every row of `images`, `slots` at a time; `answered(row position, prediction)` as each one ends."""
+    max_new_tokens = eval_cfg["max_new_tokens"]
+    if eval_cfg["batching"] == "refill":
+        refill_generate(model, processor, images, instruction, max_new_tokens, slots, cache=kv_cache,
+                        compile=torch.cuda.is_available(),
+                        on_answer=lambda index, text: answered(images.positions[index], text))
+        return
+    for start in range(0, len(images), slots):  # batches: each decodes until its longest answer ends
+        batch = [images[i] for i in range(start, min(start + slots, len(images)))]
         real = len(batch)
         if kv_cache == "static":  # a new batch size would compile the decode step again
-            batch += batch[-1:] * (min(size, len(images)) - real)
-        predictions = generate(model, processor, batch, instruction, eval_cfg["max_new_tokens"], kv_cache)
+            batch += batch[-1:] * (min(slots, len(images)) - real)
+        predictions = generate(model, processor, batch, instruction, max_new_tokens, kv_cache)
         for i, prediction in enumerate(predictions[:real]):
-            answered(start + i, prediction)
+            answered(images.positions[start + i], prediction)
 
 
 def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: tuple[str, str], base_dir,
              out_file: Path, label: str = "eval") -> tuple[dict, list[dict]]:
-    """Generates answers for the first `eval.max_samples` rows; returns (corpus metrics, per-row results)."""
+    """Generates answers for the first `eval.max_samples` rows; returns (corpus metrics, per-row results).
+
+    Out of GPU memory, the step halves the rows generated together and goes on with the rows not answered yet."""
     image_column, text_column = columns
     rows = limit_rows(rows, eval_cfg["max_samples"])
     model.eval()
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    started, results = time.perf_counter(), []
+    started, results = time.perf_counter(), {}
     if torch.cuda.is_available():  # the eval step's own peak: weights copies, KV cache, batches
         torch.cuda.reset_peak_memory_stats()
     # longest prompts first: batches pad little, and the static ring is sized by its first rows
     order = [position for batch in length_sorted_batches(rows, len(rows) or 1) for position in batch]
-    images, labels = _Images(rows, order, image_column, base_dir), rows.select_columns(["row_id", text_column])
+    labels = rows.select_columns(["row_id", text_column])
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
           generation_weights(model, eval_cfg["dequantize"])):
 
-        def answered(index: int, prediction: str) -> None:
-            position = order[index]
+        def answered(position: int, prediction: str) -> None:
             row = labels[position]
             result = {"row_id": row["row_id"], "reference": (reference := text_of(row[text_column])),
                       "prediction": prediction, **row_metrics(reference, prediction)}
-            results.append((position, result))
+            results[position] = result
             partial_file.write(json.dumps(result) + "\n")
             bar.update(1)
             if bar.n % 32 == 0 or bar.n == bar.total:
                 partial_file.flush()
                 bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
 
-        kv_cache = kv_cache_kind(eval_cfg["kv_cache"], model)
-        if eval_cfg["batching"] == "refill":
-            refill_generate(model, processor, images, instruction, eval_cfg["max_new_tokens"],
-                            eval_cfg["batch_size"], cache=kv_cache, compile=torch.cuda.is_available(),
-                            on_answer=answered)
-        else:
-            _generate_batches(model, processor, images, eval_cfg, instruction, kv_cache, answered)
+        kv_cache, slots = kv_cache_kind(eval_cfg["kv_cache"], model), eval_cfg["batch_size"]
+        while True:
+            images = _Images(rows, [p for p in order if p not in results], image_column, base_dir)
+            try:
+                _generate(model, processor, images, eval_cfg, instruction, kv_cache, slots, answered)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if slots == 1:
+                    raise
+            gc.collect()  # past the except block, so the failed attempt's tensors are free
+            torch.cuda.empty_cache()
+            slots //= 2
+            log.warning("%s: out of GPU memory generating %d rows at a time; going on with %d for the %d rows left "
+                        "(`--set eval.batch_size=%d` starts there)", label, slots * 2, slots, len(rows) - len(results),
+                        slots)
     seconds = time.perf_counter() - started
-    results = [result for _, result in sorted(results, key=lambda item: item[0])]
+    results = [results[position] for position in sorted(results)]
     out_file.write_text("".join(json.dumps(result) + "\n" for result in results))
     partial.unlink()
     metrics = corpus_metrics([r["reference"] for r in results], [r["prediction"] for r in results],
