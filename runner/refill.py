@@ -9,8 +9,9 @@ attention mask covers only its own columns. transformers' own continuous batchin
 with one row of positions, so it cannot run Qwen2.5-VL's image prompts.
 
 Two cache layouts: `GrowingSlots` (a DynamicCache; columns no slot reads any more are dropped) and `RingSlots` (a
-StaticCache used as a ring, fixed shapes, so the decode step compiles into CUDA graphs). On the CPU every row gets the
-answer transformers' generate gives it alone (tests/test_refill.py); speed: docs/benchmarks.md, "Eval, round 6".
+StaticCache used as a ring, fixed shapes, so the decode step compiles into CUDA graphs). Every row gets the answer
+transformers' generate gives it alone: on the CPU (tests/test_refill.py) and on the GPU under both backends
+(bench/refill_check.py); speed: docs/benchmarks.md, "Eval, round 6".
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _prefill(model, processor, images, instruction):
     batch = {k: v.to(model.device) for k, v in generation_batch(processor, images, instruction).items()}
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     # only the last position's logits, as generate asks: all of them would be rows x prompt x 152k vocabulary
-    # (~15 GB in bf16 for 256 rows of 200 tokens)
+    # (6.4 GiB in bf16 for the validation split's 256 longest prompts, 89 tokens each)
     out = model(**batch, past_key_values=DynamicCache(), use_cache=True, **_last_logits_only(model))
     # as transformers' generate: a decode step's text position is the row's real token count + its rope delta
     owner = _language_model_owner(model)
