@@ -42,9 +42,14 @@ def length_sorted_batches(rows, batch_size: int) -> list[list[int]]:
 
 def kv_cache_kind(requested: str, model) -> str:
     """eval.kv_cache with `auto` resolved (schemas/eval.schema.json says why each way)."""
+    unsloth = "unsloth" in sys.modules
+    if requested == "static" and unsloth:  # model.backend: auto chose Unsloth (an explicit one fails validation)
+        log.warning("eval: kv_cache static needs a forward torch.compile can compile, and Unsloth's is compiled "
+                    "already; generating with the dynamic cache")
+        return "dynamic"
     if requested != "auto":
         return requested
-    return "dynamic" if is_quantized(model) or "unsloth" in sys.modules else "static"
+    return "dynamic" if is_quantized(model) or unsloth else "static"
 
 
 class _Images:

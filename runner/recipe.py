@@ -172,6 +172,10 @@ def _cross_checks(recipe: dict) -> list[tuple[tuple, str]]:
     low, high = model.get("image_min_pixels"), model.get("image_max_pixels")
     if isinstance(low, int) and isinstance(high, int) and low > high:
         problems.append((("model", "image_min_pixels"), f"is larger than image_max_pixels ({low} > {high})"))
+    if model.get("backend") == "unsloth" and section("eval").get("kv_cache") == "static":
+        problems.append((("eval", "kv_cache"), "static compiles the decode step, and Unsloth's forward is compiled "
+                         "already (torch.compile fails inside it: docs/benchmarks.md, eval round 3); use auto "
+                         "(dynamic under Unsloth), or model.backend: transformers"))
     problems += _method_checks(section("train"), section("grpo"), section("dpo"), section("distributed"))
     return problems
 

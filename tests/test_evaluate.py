@@ -112,4 +112,6 @@ def test_auto_kv_cache_is_static_only_where_transformers_can_compile_the_decode_
     assert kv_cache_kind("auto", dequantized) == "static"
     monkeypatch.setitem(sys.modules, "unsloth", SimpleNamespace())  # Unsloth's patched forward is loaded
     assert kv_cache_kind("auto", plain) == "dynamic"
+    assert kv_cache_kind("static", plain) == "dynamic"  # backend auto chose Unsloth: its forward cannot compile again
+    monkeypatch.delitem(sys.modules, "unsloth")
     assert kv_cache_kind("static", four_bit) == "static" and kv_cache_kind("dynamic", plain) == "dynamic"

@@ -122,13 +122,17 @@ def test_scientific_notation_is_a_number_not_a_string(tmp_path):
 def test_cross_key_rules(tmp_path):
     text = (
         "dataset:\n  eval_split: test\n  eval_fraction: 0.1\n"
-        "model:\n  image_min_pixels: 5000\n  image_max_pixels: 1000\n"
+        "model:\n  image_min_pixels: 5000\n  image_max_pixels: 1000\n  backend: unsloth\n"
         "export:\n  - format: lora\n    quantizations: [f16]\n"
+        "eval:\n  kv_cache: static\n"
     )
     assert problems_of(tmp_path, text) == [
         "R:3:3: dataset.eval_fraction: set eval_split to null to hold out a fraction instead",
         "R:5:3: model.image_min_pixels: is larger than image_max_pixels (5000 > 1000)",
-        "R:9:5: export.0.quantizations: only the gguf format takes quantizations",
+        "R:10:5: export.0.quantizations: only the gguf format takes quantizations",
+        "R:12:3: eval.kv_cache: static compiles the decode step, and Unsloth's forward is compiled already "
+        "(torch.compile fails inside it: docs/benchmarks.md, eval round 3); use auto (dynamic under Unsloth), or "
+        "model.backend: transformers",
     ]
 
 
