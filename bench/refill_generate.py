@@ -2,7 +2,8 @@
 
 Random weights never stop by themselves, so each row ends at its reference answer's length (capped at
 `--new-tokens`): once through `runner.prompt.generate` in the eval step's length-sorted batches
-(`eval.batching: batches`), and once per refill layout (`eval.batching: refill`, `--refill-caches`):
+(`eval.batching: batches`), and once per refill layout (`eval.batching: refill`, `--refill-caches`), each refilled
+run with its breakdown (prefills and their rows, decode steps, the first steps' compilation, the median step):
 
     python -m bench.refill_generate --model-dir /tmp/qwen7b --data bench_data/validation_4800.parquet --rows 2048 \
         --cache static --out refill.json
@@ -17,8 +18,50 @@ from pathlib import Path
 
 import torch
 
+from runner import refill
 from runner.prompt import generation_batch
 from runner.refill import refill_generate
+
+
+class Breakdown:
+    """Where a refilled run's time goes: its prefills and its decode steps, each timed between synchronizations
+    (the decode loop synchronizes every step anyway, to read the new tokens)."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, {"prefill": [], "prefill_rows": [], "decode": []}
+
+    def __enter__(self):
+        self.patched = [(refill, "_prefill", refill._prefill, "prefill"),
+                        (refill.GrowingSlots, "step", refill.GrowingSlots.step, "decode"),
+                        (refill.RingSlots, "step", refill.RingSlots.step, "decode")]
+        for owner, name, original, key in self.patched:
+            setattr(owner, name, self._timed(original, key))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original, _ in self.patched:
+            setattr(owner, name, original)
+
+    def _timed(self, original, key):
+        def timed(*args, **kwargs):
+            self.sync()
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.sync()
+            self.times[key].append(time.perf_counter() - started)
+            if key == "prefill":
+                self.times["prefill_rows"].append(len(args[2]))
+            return out
+        return timed
+
+    def figures(self, prefix: str) -> dict:
+        decode, prefill = self.times["decode"], self.times["prefill"]
+        steady = sorted(decode[3:]) or [0.0]  # the first steps compile (ring) or warm up
+        return {f"{prefix}_prefills": len(prefill), f"{prefix}_prefill_rows": sum(self.times["prefill_rows"]),
+                f"{prefix}_prefill_s": round(sum(prefill), 2), f"{prefix}_decode_steps": len(decode),
+                f"{prefix}_decode_s": round(sum(decode), 2),
+                f"{prefix}_first_decode_steps_s": round(sum(decode[:3]), 2),
+                f"{prefix}_decode_ms_per_step_median": round(1000 * steady[len(steady) // 2], 2)}
 
 
 def parse_args(argv=None):
@@ -66,7 +109,7 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     # transformers' compiled decode step and the ring's compile the same forward: room for both sets of graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    results, answers = {}, {}
+    results, answers, breakdown = {}, {}, {}
     with torch.no_grad(), generation_weights(model, "auto"):
         sync()
         started, batched = time.perf_counter(), []
@@ -81,10 +124,13 @@ def main(argv=None) -> None:
         answers["batched"] = batched
         for kind in args.refill_caches.split(","):
             started = time.perf_counter()
-            answers[f"refilled_{kind}"] = refill_generate(model, processor, images, instruction, caps, args.batch_size,
-                                                          args.refill_at, kind, torch.cuda.is_available())
+            with Breakdown(sync) as timer:
+                answers[f"refilled_{kind}"] = refill_generate(model, processor, images, instruction, caps,
+                                                              args.batch_size, args.refill_at, kind,
+                                                              torch.cuda.is_available())
             sync()
             results[f"refilled_{kind}"] = time.perf_counter() - started
+            breakdown.update(timer.figures(f"refilled_{kind}"))
             print(f"refilled_{kind}: {results[f'refilled_{kind}']:.1f} s", flush=True)
     same = {f"same_answers_{k}": round(sum(a == b for a, b in zip(batched, v)) / len(images), 4)
             for k, v in answers.items() if k != "batched"}
@@ -94,7 +140,7 @@ def main(argv=None) -> None:
                "mean_answer_tokens": round(sum(caps) / len(caps), 1),
                **{f"{k}_s": round(v, 1) for k, v in results.items()},
                **{f"{k}_samples_per_s": round(len(images) / v, 2) for k, v in results.items()},
-               **same, "device": device_name(), "versions": versions(),
+               **breakdown, **same, "device": device_name(), "versions": versions(),
                "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(summary), flush=True)
     if args.out:

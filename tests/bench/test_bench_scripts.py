@@ -209,6 +209,12 @@ def test_refill_generate_times_batches_and_both_refill_layouts_on_the_same_rows(
     assert result["rows"] == 6 and result["batched_s"] > 0
     assert result["refilled_dynamic_s"] > 0 and result["refilled_static_s"] > 0
     assert 1 < result["mean_answer_tokens"] <= 40
+    for kind in ("dynamic", "static"):  # where the refilled time went: every row prefilled once, steps counted
+        assert result[f"refilled_{kind}_prefill_rows"] == 6 and result[f"refilled_{kind}_prefills"] >= 2
+        # 3 slots emit at most 3 tokens a step; each row's first token comes from its prefill
+        assert result[f"refilled_{kind}_decode_steps"] * 3 >= 6 * result["mean_answer_tokens"] - 6 - 0.3
+        assert 0 < result[f"refilled_{kind}_prefill_s"] + result[f"refilled_{kind}_decode_s"] <= \
+            result[f"refilled_{kind}_s"] + 0.1
     # float32: every path gives each row the same greedy answer
     assert result["same_answers_refilled_dynamic"] == result["same_answers_refilled_static"] == 1.0
 
