@@ -161,6 +161,7 @@ def refill_generate(model, processor, images: Sequence, instruction: str, max_ne
         ring = RingSlots(model, first_cache, first_mask, width, compile)
     else:
         ring = GrowingSlots(first_cache, first_mask)
+    del first_cache, first_mask  # the ring holds a copy: the prefill's own cache would stay for the whole run
     row_of = list(first)  # the image each slot decodes; -1: ended (its slot decodes on, unread, until refilled)
 
     def take(tokens: list[int], slots_: list[int]) -> None:
@@ -191,6 +192,7 @@ def refill_generate(model, processor, images: Sequence, instruction: str, max_ne
                 raise ValueError(f"a prompt of {sub_mask.shape[1]} tokens does not fit the ring of {ring.width} "
                                  "columns sized by the first rows: pass the images longest prompt first")
             ring.insert(targets, sub_cache, sub_mask)
+            del sub_cache  # written into the slots; not kept until the next refill
             positions[torch.tensor(targets, device=positions.device)] = sub_positions
             tokens[torch.tensor(targets, device=tokens.device)] = sub_logits.argmax(-1)  # from their own prefill
             for slot, row in zip(targets, new):
