@@ -132,15 +132,17 @@ def test_the_static_ring_refuses_a_prompt_longer_than_the_first_rows(setting):
 
 
 @pytest.mark.slow
-def test_the_compiled_ring_compiles_its_decode_step_once(setting, monkeypatch):
+def test_the_compiled_ring_compiles_its_decode_step_once(setting):
     model, processor, images, alone = setting
     order = sorted(range(len(images)), key=lambda i: -generation_batch(processor, [images[i]], INSTRUCTION)[
         "input_ids"].shape[1])  # longest prompts first; refills of 1-3 rows, each a new batch size for the prefill
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would cost ~40 s on a GPU
+    # a recompile would cost ~40 s on a GPU; config.patch, not monkeypatch: that left the option unreadable after
     try:
-        got = refill.refill_generate(model, processor, [images[i] for i in order], INSTRUCTION,
-                                     [CAPS[i] for i in order], slots=3, refill_at=1, cache="static", compile=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = refill.refill_generate(model, processor, [images[i] for i in order], INSTRUCTION,
+                                         [CAPS[i] for i in order], slots=3, refill_at=1, cache="static",
+                                         compile=True)
     finally:
         torch._dynamo.reset()
     assert got == [alone[i] for i in order]
