@@ -6,7 +6,7 @@ length-sorted as the eval step sorts them. Each batch is timed twice: once with 
 and prompt) and once with `--new-tokens` (random weights never stop early, so every row decodes all of them).
 Variants: the backend, the batch size, transformers' KV cache kind (`static` lets generate compile the decode step
 into CUDA graphs), Unsloth's own generate (UNSLOTH_DISABLE_FAST_GENERATION=0) and the decode-step attention
-(`--decode-attention grouped`: bench/grouped_decode_attention.py). `--profile FILE` writes a
+(`--decode-attention`: the eval step's runner/decode_attention.py by default, or transformers' SDPA path). `--profile FILE` writes a
 torch.profiler table of the first steady batch. `--answer-lengths reference`
 ends each answer where its reference answer ends (its token count, then the end token), as a model that reads the
 formulas right would: a batch then decodes as long as its longest answer, up to `--new-tokens`.
@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from bench.common import DECODE_ATTENTION
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Generation time per batch for one eval variant.")
@@ -35,8 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, default=4, help="batches timed after one warm-up batch")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
-    parser.add_argument("--decode-attention", choices=("sdpa", "grouped"), default="sdpa",
-                        help="grouped: bench/grouped_decode_attention.py (no KV copy per query head in decode steps)")
+    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="eval",
+                        help="eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN "
+                        "allowed; sdpa_no_cudnn: transformers' layout without cuDNN; sdpa: transformers' path")
     parser.add_argument("--answer-lengths", choices=("forced", "reference"), default="forced",
                         help="forced: every row decodes --new-tokens; reference: each row stops at its reference "
                         "answer's length (--new-tokens is then the cap, as eval.max_new_tokens)")
@@ -97,7 +100,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from bench.common import device_name, versions
+    from bench.common import decode_attention_context, device_name, versions
     from runner.data import prepare
     from runner.evaluate import length_sorted_batches
     from runner.eval_weights import generation_weights
@@ -108,10 +111,6 @@ def main(argv=None) -> None:
     if not args.no_lora:
         model = backend.attach_lora(model, recipe["lora"])
     model = backend.prepare_for_inference(model)
-    if args.decode_attention == "grouped":
-        from bench.grouped_decode_attention import use_grouped_decode_attention
-
-        use_grouped_decode_attention(model)
     load_s = time.perf_counter() - started
     model.generation_config.min_new_tokens = args.new_tokens
     if args.cache == "static":
@@ -140,7 +139,7 @@ def main(argv=None) -> None:
         return time.perf_counter() - t
 
     batches = []
-    with torch.no_grad(), generation_weights(model, "auto"):
+    with torch.no_grad(), generation_weights(model, "auto"), decode_attention_context(model, args.decode_attention):
         for i, positions in enumerate(length_sorted_batches(rows, args.batch_size)):
             batch = rows.select(positions)
             images = [decode_image(value, None) for value in batch["image"]]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import DECODE_ATTENTION
 from runner import refill
 from runner.prompt import generation_batch
 from runner.refill import refill_generate
@@ -77,6 +78,13 @@ def parse_args(argv=None):
     parser.add_argument("--cache", choices=("dynamic", "static"), default="static", help="the batched path's KV cache")
     parser.add_argument("--refill-caches", default="dynamic,static", help="refill variants to time: dynamic "
                         "(a growing cache, eager) and/or static (a ring, compiled into CUDA graphs on a GPU)")
+    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="eval",
+                        help="eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN "
+                        "allowed; sdpa_no_cudnn: transformers' layout without cuDNN; sdpa: transformers' path")
+    parser.add_argument("--ring-compile", choices=("inductor", "cudagraphs"), default="inductor",
+                        help="how the ring's decode step compiles: inductor's kernels in CUDA graphs (the eval step's), "
+                        "or torch's eager kernels captured in CUDA graphs (backend=cudagraphs: no kernel generation)")
+    parser.add_argument("--skip-batched", action="store_true", help="time the refilled runs only")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -86,11 +94,13 @@ def main(argv=None) -> None:
     from runner import backends
     from runner.recipe import load_recipe
 
+    if args.ring_compile == "cudagraphs":
+        refill.RING_COMPILE = {"backend": "cudagraphs", "dynamic": False}
     recipe = load_recipe(Path(args.recipe), [f"model.id={args.model_dir}", f"model.backend={args.backend}"])
     backend = backends.load_backend(args.backend)  # Unsloth must be imported before transformers
     from transformers import LogitsProcessorList
 
-    from bench.common import device_name, versions
+    from bench.common import decode_attention_context, device_name, versions
     from bench.generate_variants import StopAtReferenceLength, reference_lengths
     from runner.data import prepare
     from runner.eval_weights import generation_weights
@@ -110,18 +120,19 @@ def main(argv=None) -> None:
     # transformers' compiled decode step and the ring's compile the same forward: room for both sets of graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     results, answers, breakdown = {}, {}, {}
-    with torch.no_grad(), generation_weights(model, "auto"):
+    with torch.no_grad(), generation_weights(model, "auto"), decode_attention_context(model, args.decode_attention):
         sync()
         started, batched = time.perf_counter(), []
-        for start in range(0, len(images), args.batch_size):
+        for start in range(0, 0 if args.skip_batched else len(images), args.batch_size):
             chunk, lengths = images[start : start + args.batch_size], caps[start : start + args.batch_size]
             prompt_length = generation_batch(processor, chunk, instruction)["input_ids"].shape[1]
             stop = LogitsProcessorList([StopAtReferenceLength(prompt_length, lengths, end_id)])
             batched += generate(model, processor, chunk, instruction, args.new_tokens, args.cache, stop)
         sync()
-        results["batched"] = time.perf_counter() - started
-        print(f"batched: {results['batched']:.1f} s", flush=True)  # a run cut later still says this much
-        answers["batched"] = batched
+        if not args.skip_batched:
+            results["batched"] = time.perf_counter() - started
+            print(f"batched: {results['batched']:.1f} s", flush=True)  # a run cut later still says this much
+            answers["batched"] = batched
         for kind in args.refill_caches.split(","):
             started = time.perf_counter()
             with Breakdown(sync) as timer:
@@ -133,10 +144,11 @@ def main(argv=None) -> None:
             breakdown.update(timer.figures(f"refilled_{kind}"))
             print(f"refilled_{kind}: {results[f'refilled_{kind}']:.1f} s", flush=True)
     same = {f"same_answers_{k}": round(sum(a == b for a, b in zip(batched, v)) / len(images), 4)
-            for k, v in answers.items() if k != "batched"}
+            for k, v in answers.items() if k != "batched" and not args.skip_batched}
     summary = {"benchmark": "refill_generate", "backend": args.backend, "rows": len(images),
                "batch_size": args.batch_size, "refill_at": args.refill_at or max(1, args.batch_size // 4),
-               "new_tokens_cap": args.new_tokens, "batched_cache": args.cache,
+               "new_tokens_cap": args.new_tokens, "batched_cache": None if args.skip_batched else args.cache,
+               "decode_attention": args.decode_attention, "ring_compile": args.ring_compile,
                "mean_answer_tokens": round(sum(caps) / len(caps), 1),
                **{f"{k}_s": round(v, 1) for k, v in results.items()},
                **{f"{k}_samples_per_s": round(len(images) / v, 2) for k, v in results.items()},

@@ -24,6 +24,8 @@ from transformers import DynamicCache
 
 from .prompt import generation_batch, stop_token_ids
 
+RING_COMPILE = {"mode": "reduce-overhead", "dynamic": False}  # CUDA graphs; bench/refill_generate.py tries others
+
 
 def _prefill(model, processor, images, instruction):
     """One forward over a left-padded batch of prompts: (cache, 2-D mask, last logits, each row's next position)."""
@@ -109,7 +111,7 @@ class RingSlots:
         self.cache.early_initialization(keys.shape[0], keys.shape[1], keys.shape[-1], keys.dtype, keys.device)
         self.mask = torch.zeros(keys.shape[0], width, dtype=torch.bool, device=keys.device)
         self.insert(list(range(keys.shape[0])), first_cache, first_mask)
-        self.forward = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
+        self.forward = torch.compile(model, **RING_COMPILE) if compile else model
 
     def insert(self, targets, sub_cache, sub_mask) -> None:
         width = sub_mask.shape[1]

@@ -220,6 +220,37 @@ def test_refill_generate_times_batches_and_both_refill_layouts_on_the_same_rows(
 
 
 @pytest.mark.slow
+def test_refill_generate_can_time_the_refilled_runs_alone_with_grouped_decode_attention(tiny_assets, tmp_path):
+    import json
+
+    from bench import refill_generate
+
+    out = tmp_path / "refill.json"
+    refill_generate.main(["--model-dir", str(tiny_assets["model"]), "--data", str(tiny_assets["train"]),
+                          "--recipe", "recipes/smoke_tiny.yaml", "--rows", "5", "--batch-size", "2",
+                          "--new-tokens", "12", "--skip-batched", "--refill-caches", "dynamic",
+                          "--decode-attention", "grouped", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "batched_s" not in result and result["batched_cache"] is None
+    assert result["decode_attention"] == "grouped" and result["refilled_dynamic_prefill_rows"] == 5
+
+
+def test_decode_attention_kernels_layouts_compute_the_same_attention(tmp_path):
+    import json
+
+    from bench import decode_attention_kernels
+
+    out = tmp_path / "kernels.json"
+    decode_attention_kernels.main(["--batch", "3", "--length", "9", "--heads", "6", "--kv-heads", "2", "--dim", "8",
+                                   "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    measured = [row for row in result["results"] if "ms" in row]
+    assert {row["layout"] for row in measured} == {"repeat_kv", "grouped", "gqa_flag"}
+    assert {row["mask"] for row in measured} == {"bool", "additive"}
+    assert all(row["max_abs_diff"] < 1e-5 and row["ms"] > 0 for row in measured)  # float32 on the CPU
+
+
+@pytest.mark.slow
 def test_refill_check_compares_refilled_answers_with_each_rows_answer_alone(tmp_path):
     from bench import refill_check
 
