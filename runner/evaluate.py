@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .eval_weights import generation_weights, is_quantized
+from . import decode_attention
+from .eval_weights import generation_weights
 from .metrics import corpus_metrics, row_metrics
 from .prompt import decode_image, generate, text_of
 from .refill import refill_generate
@@ -41,15 +42,12 @@ def length_sorted_batches(rows, batch_size: int) -> list[list[int]]:
 
 
 def kv_cache_kind(requested: str, model) -> str:
-    """eval.kv_cache with `auto` resolved (schemas/eval.schema.json says why each way)."""
-    unsloth = "unsloth" in sys.modules
-    if requested == "static" and unsloth:  # model.backend: auto chose Unsloth (an explicit one fails validation)
+    """eval.kv_cache with `auto` resolved: dynamic (schemas/eval.schema.json says why)."""
+    if requested == "static" and "unsloth" in sys.modules:  # backend auto chose Unsloth (an explicit one fails
         log.warning("eval: kv_cache static needs a forward torch.compile can compile, and Unsloth's is compiled "
                     "already; generating with the dynamic cache")
         return "dynamic"
-    if requested != "auto":
-        return requested
-    return "dynamic" if is_quantized(model) or unsloth else "static"
+    return "dynamic" if requested == "auto" else requested
 
 
 class _Images:
@@ -101,7 +99,7 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     labels = rows.select_columns(["row_id", text_column])
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
-          generation_weights(model, eval_cfg["dequantize"])):
+          generation_weights(model, eval_cfg["dequantize"]), decode_attention.for_generation(model)):
 
         def answered(position: int, prediction: str) -> None:
             row = labels[position]
