@@ -39,6 +39,24 @@ def _attention_query_shapes(monkeypatch) -> list[tuple]:
     return shapes
 
 
+def test_one_decode_position_at_the_7b_models_head_counts_matches_sdpa_with_repeated_kv():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=7, is_causal=True)
+    query = torch.randn(3, 28, 1, 16)
+    key, value = torch.randn(3, 4, 11, 16), torch.randn(3, 4, 11, 16)
+    mask = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    mask[2, ..., 9:] = False  # static cache columns not written yet
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = decode_attention.grouped_decode_sdpa(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (3, 1, 28, 16)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_every_decode_step_has_the_logits_of_transformers_sdpa_path(setting, cache, monkeypatch):
     model, processor, _, batch = setting
