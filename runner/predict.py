@@ -135,9 +135,12 @@ def predict(images: list[Path], model: Path, instruction: str, batch_size: int =
         llama = load_gguf(model)
         bounds = pixel_bounds(_gguf_files(model)[0].parent)
         return predict_gguf(llama, [decode_image(str(p)) for p in images], instruction, max_new_tokens, bounds)
+    from . import decode_attention
+
     hf_model, processor = load_hf(model, dtype)
     answers = []
-    for start in range(0, len(images), batch_size):
-        batch = [decode_image(str(p)) for p in images[start : start + batch_size]]
-        answers += generate(hf_model, processor, batch, instruction, max_new_tokens)
+    with decode_attention.for_generation(hf_model):  # as the eval step generates: the same answers, faster steps
+        for start in range(0, len(images), batch_size):
+            batch = [decode_image(str(p)) for p in images[start : start + batch_size]]
+            answers += generate(hf_model, processor, batch, instruction, max_new_tokens)
     return answers
