@@ -27,6 +27,12 @@ def device_name() -> str:
 DECODE_ATTENTION = ("eval", "grouped", "sdpa_no_cudnn", "sdpa")
 
 
+def add_decode_attention_argument(parser) -> None:
+    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="eval",
+                        help="eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN "
+                        "allowed; sdpa_no_cudnn: transformers' layout without cuDNN; sdpa: transformers' path")
+
+
 def decode_attention_context(model, variant: str):
     """eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN allowed; sdpa_no_cudnn:
     transformers' layout without cuDNN; sdpa: transformers' path as it is."""

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import DECODE_ATTENTION
+from bench.common import add_decode_attention_argument
 
 
 def parse_args(argv=None):
@@ -37,9 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, default=4, help="batches timed after one warm-up batch")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
-    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="eval",
-                        help="eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN "
-                        "allowed; sdpa_no_cudnn: transformers' layout without cuDNN; sdpa: transformers' path")
+    add_decode_attention_argument(parser)
     parser.add_argument("--answer-lengths", choices=("forced", "reference"), default="forced",
                         help="forced: every row decodes --new-tokens; reference: each row stops at its reference "
                         "answer's length (--new-tokens is then the cap, as eval.max_new_tokens)")

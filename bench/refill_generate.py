@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import DECODE_ATTENTION
+from bench.common import add_decode_attention_argument
 from runner import refill
 from runner.prompt import generation_batch
 from runner.refill import refill_generate
@@ -78,9 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache", choices=("dynamic", "static"), default="static", help="the batched path's KV cache")
     parser.add_argument("--refill-caches", default="dynamic,static", help="refill variants to time: dynamic "
                         "(a growing cache, eager) and/or static (a ring, compiled into CUDA graphs on a GPU)")
-    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="eval",
-                        help="eval: the eval step's (runner/decode_attention.py); grouped: its layout with cuDNN "
-                        "allowed; sdpa_no_cudnn: transformers' layout without cuDNN; sdpa: transformers' path")
+    add_decode_attention_argument(parser)
     parser.add_argument("--ring-compile", choices=("inductor", "cudagraphs"), default="inductor",
                         help="how the ring's decode step compiles: inductor's kernels in CUDA graphs (the eval step's), "
                         "or torch's eager kernels captured in CUDA graphs (backend=cudagraphs: no kernel generation)")
