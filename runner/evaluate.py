@@ -41,9 +41,9 @@ def length_sorted_batches(rows, batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def kv_cache_kind(requested: str, model) -> str:
+def kv_cache_kind(requested: str) -> str:
     """eval.kv_cache with `auto` resolved: dynamic (schemas/eval.schema.json says why)."""
-    if requested == "static" and "unsloth" in sys.modules:  # backend auto chose Unsloth (an explicit one fails
+    if requested == "static" and "unsloth" in sys.modules:  # backend auto chose it; an explicit one fails validation
         log.warning("eval: kv_cache static needs a forward torch.compile can compile, and Unsloth's is compiled "
                     "already; generating with the dynamic cache")
         return "dynamic"
@@ -112,7 +112,7 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
                 partial_file.flush()
                 bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
 
-        kv_cache, slots = kv_cache_kind(eval_cfg["kv_cache"], model), eval_cfg["batch_size"]
+        kv_cache, slots = kv_cache_kind(eval_cfg["kv_cache"]), eval_cfg["batch_size"]
         while True:
             images = _Images(rows, [p for p in order if p not in results], image_column, base_dir)
             try:

@@ -101,9 +101,8 @@ def test_auto_kv_cache_is_dynamic_and_static_falls_back_under_unsloth(monkeypatc
 
     from runner.evaluate import kv_cache_kind
 
-    model = SimpleNamespace()
     monkeypatch.delitem(sys.modules, "unsloth", raising=False)
-    assert kv_cache_kind("auto", model) == "dynamic"  # eager beat the compiled ring on 7,632 rows (eval round 7)
-    assert kv_cache_kind("static", model) == "static" and kv_cache_kind("dynamic", model) == "dynamic"
+    assert kv_cache_kind("auto") == "dynamic"  # eager beat the compiled ring on 7,632 rows (eval round 7)
+    assert kv_cache_kind("static") == "static" and kv_cache_kind("dynamic") == "dynamic"
     monkeypatch.setitem(sys.modules, "unsloth", SimpleNamespace())  # Unsloth's patched forward is loaded
-    assert kv_cache_kind("static", model) == "dynamic"  # backend auto chose Unsloth: its forward cannot compile again
+    assert kv_cache_kind("static") == "dynamic"  # backend auto chose Unsloth: its forward cannot compile again
