@@ -14,7 +14,9 @@ heads over 4 KV heads), measured on an H200 (docs/benchmarks.md, "Eval, round 7"
   leaves cuDNN out of SDPA's choices (flash, memory-efficient and math stay).
 
 `for_generation(model)` switches both on for the duration of the eval step and restores the model afterwards.
-Prefill (several query positions) goes through transformers' SDPA unchanged. tests/test_decode_attention.py checks
+Prefill (several query positions) goes through transformers' SDPA unchanged. It also runs torch.compile'd code
+eagerly (unless the steps are the compiled ring's): Unsloth compiles each decoder layer for training, and in
+generation every new prompt length and cache length compiled it again, ~30 s of the first 512 rows. tests/test_decode_attention.py checks
 logits and answers against transformers' path on the tiny model.
 """
 
@@ -82,9 +84,11 @@ def grouped_decode(model):
 
 
 @contextmanager
-def for_generation(model):
-    """The eval step's attention: the grouped decode layout, and SDPA without cuDNN."""
-    with grouped_decode(model) as switched, sdpa_kernel(WITHOUT_CUDNN):
+def for_generation(model, compiled_steps: bool = False):
+    """The eval step's attention: the grouped decode layout, SDPA without cuDNN, compiled code run eagerly unless
+    `compiled_steps` (the static ring compiles its decode step on purpose)."""
+    stance = "default" if compiled_steps else "force_eager"
+    with grouped_decode(model) as switched, sdpa_kernel(WITHOUT_CUDNN), torch.compiler.set_stance(stance):
         if switched:
             log.info("eval: decode steps attend without copying the KV cache per query head; SDPA without cuDNN")
         yield

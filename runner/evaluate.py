@@ -98,8 +98,10 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
     order = [position for batch in length_sorted_batches(rows, len(rows) or 1) for position in batch]
     labels = rows.select_columns(["row_id", text_column])
     partial = out_file.with_name(out_file.name + ".partial")  # kept if the step dies, in generation order
+    kv_cache, slots = kv_cache_kind(eval_cfg["kv_cache"]), eval_cfg["batch_size"]
     with (open(partial, "w") as partial_file, tqdm(total=len(rows), desc=label, unit="row") as bar,
-          generation_weights(model, eval_cfg["dequantize"]), decode_attention.for_generation(model)):
+          generation_weights(model, eval_cfg["dequantize"]),
+          decode_attention.for_generation(model, compiled_steps=kv_cache == "static")):
 
         def answered(position: int, prediction: str) -> None:
             row = labels[position]
@@ -112,7 +114,6 @@ def evaluate(model, processor, rows, eval_cfg: dict, instruction: str, columns: 
                 partial_file.flush()
                 bar.set_postfix(samples_per_s=f"{bar.n / (time.perf_counter() - started):.2f}")
 
-        kv_cache, slots = kv_cache_kind(eval_cfg["kv_cache"]), eval_cfg["batch_size"]
         while True:
             images = _Images(rows, [p for p in order if p not in results], image_column, base_dir)
             try:

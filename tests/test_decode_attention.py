@@ -87,6 +87,24 @@ def test_the_model_and_sdpa_backends_are_restored_afterwards(setting):
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
+def test_compiled_code_runs_eagerly_unless_the_steps_are_compiled_on_purpose(setting):
+    compiled_graphs = []
+
+    def counting_backend(graph, example_inputs):
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    layer = torch.compile(torch.nn.Linear(4, 4), backend=counting_backend)  # as Unsloth compiles its decoder layers
+    with torch.no_grad(), decode_attention.for_generation(setting[0]):
+        layer(torch.randn(2, 4))
+        layer(torch.randn(3, 4))
+    assert compiled_graphs == []
+    with torch.no_grad(), decode_attention.for_generation(setting[0], compiled_steps=True):
+        layer(torch.randn(2, 4))
+    assert len(compiled_graphs) == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_refilled_answers_are_unchanged(setting, cache):
