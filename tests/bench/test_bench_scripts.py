@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,29 @@ def test_refill_check_compares_refilled_answers_with_each_rows_answer_alone(tmp_
     result = refill_check.main(["--rows", "6", "--slots", "2", "--new-tokens", "8", "--out", str(tmp_path / "r.json")])
     assert result["rows"] == 6 and result["distinct_answers"] > 1
     assert result["same_as_alone_dynamic"] == result["same_as_alone_static"] == 1.0  # float32 on the CPU
+
+
+def test_allreduce_buckets_are_ddps_full_buckets_then_the_remainder():
+    from bench.allreduce_bandwidth import bucket_sizes
+
+    assert bucket_sizes(10_000_000, "25", 4) == [6_553_600, 3_446_400]
+    assert bucket_sizes(10_000_000, "all", 2) == [10_000_000]
+    assert sum(bucket_sizes(51_521_536, "25", 4)) == 51_521_536 and len(bucket_sizes(51_521_536, "25", 4)) == 8
+
+
+def test_allreduce_bandwidth_runs_under_torchrun_on_two_cpu_processes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "allreduce.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "bench.allreduce_bandwidth", "--parameters", "100000", "--bucket-mb", "0.1,all",
+                           "--dtypes", "float32", "--steps", "2", "--warmup", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo"
+    assert [(r["bucket_mb"], r["buckets"]) for r in summary["results"]] == [("0.1", 4), ("all", 1)]
+    assert all(r["ms_per_step"] > 0 and r["bus_gb_per_s"] == round(r["algorithm_gb_per_s"], 2) for r in summary["results"])
