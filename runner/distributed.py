@@ -15,10 +15,13 @@ profile with train.profile_steps, runner/profiling.py).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+log = logging.getLogger("runner")
 
 ENVIRONMENT = {"processes_per_node": "NPROC_PER_NODE", "nodes": "NNODES", "node_rank": "NODE_RANK",
                "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
@@ -116,6 +119,9 @@ def problems(cfg: dict, backend: str, quantization: str, optimizer: str = "adamw
     if cfg["strategy"] == "fsdp" and quantization == "8bit":
         found.append(("distributed.strategy", "fsdp cannot shard 8-bit (bitsandbytes int8) weights; use "
                       "model.quantization: 4bit or none, or strategy: ddp"))
+    for key, default in (("ddp_gradient_dtype", "float32"), ("ddp_bucket_mb", 25)):
+        if cfg[key] != default and cfg["strategy"] != "ddp":
+            found.append((f"distributed.{key}", f"applies to strategy ddp only, not {cfg['strategy']}"))
     if cfg["fsdp_cpu_offload"] and cfg["strategy"] != "fsdp":
         found.append(("distributed.fsdp_cpu_offload", f"applies to strategy fsdp only, not {cfg['strategy']}"))
     if gpus and cfg["processes_per_node"] > gpus:
@@ -150,6 +156,34 @@ def deepspeed_problems(backend: str, quantization: str, optimizer: str, gpus: in
         found.append(("train.optimizer", f"{optimizer} under deepspeed: ZeRO partitions the optimizer state itself, "
                       "and bitsandbytes' 8-bit optimizers are not supported under it here; use adamw_torch"))
     return found
+
+
+def ddp_arguments(cfg: dict | None) -> dict:
+    """TrainingArguments for the ddp strategy (none otherwise): the gradient buckets' size."""
+    if cfg is None or cfg["strategy"] != "ddp":
+        return {}
+    return {"ddp_bucket_cap_mb": cfg["ddp_bucket_mb"]}
+
+
+def set_gradient_exchange(trainer, cfg: dict | None) -> None:
+    """ddp with ddp_gradient_dtype bfloat16: the trainer's accelerator registers torch's bf16 compression hook on the
+    DDP model when it wraps it, at the start of training; the log says so once the hook is seen on the DDP model."""
+    if cfg is None or cfg["strategy"] != "ddp" or cfg["ddp_gradient_dtype"] == "float32" or world_size() == 1:
+        return
+    from accelerate.utils import DDPCommunicationHookType
+    from transformers import TrainerCallback
+
+    class ConfirmHook(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            hooks = getattr(trainer.model_wrapped, "_comm_hooks", [])
+            if not hooks:
+                raise RuntimeError(f"ddp: ddp_gradient_dtype bfloat16 asked for, but the trainer's "
+                                   f"{type(trainer.model_wrapped).__name__} has no communication hook")
+            log.info("ddp: gradients exchanged in bfloat16 (%s), buckets of %d MB", hooks[0][0].__name__,
+                     cfg["ddp_bucket_mb"])
+
+    trainer.accelerator.ddp_handler.comm_hook = DDPCommunicationHookType.BF16
+    trainer.add_callback(ConfirmHook())
 
 
 FSDP_WRAPPED_LAYERS = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]  # the model's _no_split_modules

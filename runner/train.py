@@ -187,6 +187,7 @@ def trainer_arguments(cfg: dict, output_dir: Path, trainer_checkpointing: bool =
         ddp_timeout=int(timeout_minutes * 60),
         ddp_backend="gloo" if cpu_group else None,
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
+        **distributed.ddp_arguments(distributed_cfg),
         **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
         **distributed.deepspeed_arguments(distributed_cfg),
     )
@@ -281,6 +282,7 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
         callbacks=every,
     )
+    distributed.set_gradient_exchange(trainer, distributed_cfg)
     metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)
     metrics.pop("log_history", None)
     return metrics

@@ -86,6 +86,19 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
 
 
 @pytest.mark.slow
+def test_a_bfloat16_gradient_exchange_trains_within_the_tolerance_of_one_process(tiny_assets, tmp_path, one_metrics):
+    two = run(tiny_assets, tmp_path / "runs", "--gpus", "2", "--set", "train.batch_size=4", "--set",
+              "distributed.ddp_gradient_dtype=bfloat16", "--set", "distributed.ddp_bucket_mb=1")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    (two_dir,) = list((tmp_path / "runs").glob("*/*"))
+    # logged only once the hook is seen on the DDP model that trains
+    assert "ddp: gradients exchanged in bfloat16 (bf16_compress_hook), buckets of 1 MB" in \
+        (two_dir / "run.log").read_text()
+    actual = json.loads((two_dir / "metrics.json").read_text())["train"]["losses"]
+    assert losses_agree(one_metrics["train"]["losses"], actual), (one_metrics["train"]["losses"], actual)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, offload", [(2, True), (3, False)])  # offload: DeepSpeed's CPU Adam steps instead
 def test_deepspeed_zero_trains_like_one_process_and_rank_0_saves_the_whole_adapter(tiny_assets, tmp_path,
                                                                                   one_metrics, stage, offload):
@@ -141,6 +154,10 @@ def test_deepspeed_zero_trains_like_one_process_and_rank_0_saves_the_whole_adapt
       "distributed.gpus_for_test=1"], "train.optimizer", "adamw_8bit under deepspeed"),
     (["distributed.strategy=ddp", "distributed.processes_per_node=2", "distributed.deepspeed_cpu_offload=true"],
      "distributed.deepspeed_cpu_offload", "applies to strategy deepspeed only, not ddp"),
+    (["distributed.strategy=deepspeed", "distributed.processes_per_node=1", "distributed.ddp_gradient_dtype=bfloat16",
+      "distributed.gpus_for_test=1"], "distributed.ddp_gradient_dtype", "applies to strategy ddp only, not deepspeed"),
+    (["distributed.strategy=fsdp", "distributed.processes_per_node=1", "distributed.ddp_bucket_mb=100",
+      "distributed.gpus_for_test=1"], "distributed.ddp_bucket_mb", "applies to strategy ddp only, not fsdp"),
     (["distributed.strategy=deepspeed", "distributed.processes_per_node=2", "distributed.deepspeed_stage=1"],
      "distributed.deepspeed_stage", "must be one of 2, 3, got 1"),
 ])
