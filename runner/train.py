@@ -278,7 +278,7 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing, distributed_cfg)
     counter = TokenCounter()
     speed, stop, every = callbacks(train_cfg, output_dir, counter)
-    trainer = checked(SFTTrainer, counter)(
+    trainer = distributed.grouped_by_global_batch(checked(SFTTrainer, counter))(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
         callbacks=every,
     )

@@ -21,6 +21,7 @@ from .conftest import REPO, smoke_overrides
 RECIPE = str(REPO / "recipes" / "smoke_tiny.yaml")
 # 64 training rows; 8 steps of a global batch of 8 are exactly one epoch.
 ONE_EPOCH = ["train.max_steps=8", "train.logging_steps=1", "train.warmup_steps=2", "train.save_steps=null",
+             "train.group_by_length=true",
              "export=[]", "eval.compare_base=false", "eval.max_samples=4"]
 
 
@@ -83,6 +84,27 @@ def test_two_processes_train_like_one_process_with_the_double_batch(tiny_assets,
     resolved = load_recipe(two_dir / "recipe.resolved.yaml")
     assert resolved["distributed"]["strategy"] == "ddp" and resolved["distributed"]["processes_per_node"] == 2
     assert two.stdout.count("done: ") == 1  # rank 1 says nothing on stdout
+
+
+def test_length_grouping_gives_each_step_the_global_batch_of_one_process_at_the_global_batch_size():
+    import torch
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = torch.randint(40, 320, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def sampler(batch_size):  # what the trainer builds, with the seed every process shares
+        return LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(3407))
+
+    one_process = list(BatchSampler(sampler(8), 8, drop_last=False))
+    ranks = [list(BatchSamplerShard(BatchSampler(distributed.global_batch_sampler(sampler(4), 2), 4, drop_last=False),
+                                    2, rank)) for rank in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(batch) for batch in one_process]
+    # the trainer's own grouping (by one process's batch) gives other global batches at this size
+    ranks = [list(BatchSamplerShard(BatchSampler(sampler(4), 4, drop_last=False), 2, rank)) for rank in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] != [sorted(batch) for batch in one_process]
+    assert distributed.global_batch_sampler(sampler(4), 1).batch_size == 4
 
 
 @pytest.mark.slow
