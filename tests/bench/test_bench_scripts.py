@@ -284,3 +284,20 @@ def test_allreduce_bandwidth_runs_under_torchrun_on_two_cpu_processes(tmp_path):
     assert summary["world_size"] == 2 and summary["backend"] == "gloo"
     assert [(r["bucket_mb"], r["buckets"]) for r in summary["results"]] == [("0.1", 4), ("all", 1)]
     assert all(r["ms_per_step"] > 0 and r["bus_gb_per_s"] == round(r["algorithm_gb_per_s"], 2) for r in summary["results"])
+
+
+def test_rank_balance_counts_each_ranks_padded_tokens_and_the_global_grouping_waits_less():
+    import random
+
+    from bench.ddp_rank_balance import rank_costs, summary
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 320) for _ in range(20_000)]  # enough rows for the trainer's groups of 50 batches
+    one = rank_costs(lengths[:64], 8, 1, seed=0, grouping="process")
+    assert len(one) == 8 and all(len(step) == 1 for step in one)
+    assert summary(one, sum(lengths[:64]), 1)["waiting_share_mean"] == 0
+    trainers, runners = (summary(rank_costs(lengths, 16, 8, 0, grouping), sum(lengths), 8)
+                         for grouping in ("process", "global"))
+    assert trainers["steps"] == runners["steps"] == 157
+    assert runners["waiting_share_mean"] < trainers["waiting_share_mean"]
+    assert runners["slowest_over_ideal"] < trainers["slowest_over_ideal"]
