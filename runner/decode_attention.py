@@ -15,8 +15,8 @@ heads over 4 KV heads), measured on an H200 (docs/benchmarks.md, "Eval, round 7"
 
 `for_generation(model)` switches both on for the duration of the eval step and restores the model afterwards.
 Prefill (several query positions) goes through transformers' SDPA unchanged. It also runs torch.compile'd code
-eagerly (unless the steps are the compiled ring's): Unsloth compiles each decoder layer for training, and in
-generation every new prompt length and cache length compiled it again, ~30 s of the first 512 rows (eval round 8).
+eagerly (unless the steps are the compiled ring's): Unsloth runs parts of the model through torch.compile, and in
+generation every new prompt and cache length compiled them again, ~20 s of the first 512 rows (eval round 8).
 tests/test_decode_attention.py checks logits and answers against transformers' path on the tiny model.
 """
 
