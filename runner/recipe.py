@@ -176,6 +176,9 @@ def _cross_checks(recipe: dict) -> list[tuple[tuple, str]]:
         problems.append((("eval", "kv_cache"), "static compiles the decode step, and Unsloth's forward is compiled "
                          "already (torch.compile fails inside it: docs/benchmarks.md, eval round 3); use auto "
                          "(dynamic under Unsloth), or model.backend: transformers"))
+    if model.get("backend") == "transformers" and section("train").get("activation_offload") == "cpu":
+        problems.append((("train", "activation_offload"), "cpu is Unsloth's offload; the transformers backend keeps "
+                         "checkpointed activations on the GPU: use auto or none, or model.backend: unsloth"))
     problems += _method_checks(section("train"), section("grpo"), section("dpo"), section("distributed"))
     return problems
 

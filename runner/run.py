@@ -160,7 +160,10 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
     timings: dict[str, float] = {}
     metrics: dict = {"backend": backend_name, "timings_s": timings}
 
-    checkpointing = recipe["train"]["gradient_checkpointing"]  # Unsloth sets it up when loading
+    # Unsloth sets checkpointing up when loading; "off", "gpu", or "cpu" where its activations wait
+    checkpointing = backends.checkpointing(recipe["train"], backend_name, distributed.world_size())
+    log.info("gradient checkpointing: %s", {"off": "off", "gpu": "activations kept on the GPU",
+                                            "cpu": "activations offloaded to CPU memory"}[checkpointing])
     with step("model", timings):
         try:
             model, processor = backend.load(recipe["model"], checkpointing, sharded)

@@ -99,7 +99,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         "--set train.batch_size=two: train.batch_size: expected integer, got string 'two'",
         "--set train.lr=1e-4: train.lr: unknown key (did you mean 'learning_rate'?); allowed keys: method, max_steps, epochs, "
         "batch_size, gradient_accumulation_steps, group_by_length, learning_rate, lr_scheduler, warmup_steps, optimizer, weight_decay, "
-        "max_grad_norm, gradient_checkpointing, precision, logging_steps, save_steps, save_every_minutes, save_total_limit, seed, "
+        "max_grad_norm, gradient_checkpointing, activation_offload, precision, logging_steps, save_steps, save_every_minutes, save_total_limit, seed, "
         "dataloader_workers, profile_steps",
     ]
 
@@ -134,6 +134,15 @@ def test_cross_key_rules(tmp_path):
         "(torch.compile fails inside it: docs/benchmarks.md, eval round 3); use auto (dynamic under Unsloth), or "
         "model.backend: transformers",
     ]
+
+
+def test_offloading_activations_to_the_cpu_is_refused_on_the_transformers_backend(tmp_path):
+    text = "model:\n  backend: transformers\ntrain:\n  activation_offload: cpu\n"
+    assert problems_of(tmp_path, text) == [
+        "R:4:3: train.activation_offload: cpu is Unsloth's offload; the transformers backend keeps checkpointed "
+        "activations on the GPU: use auto or none, or model.backend: unsloth"]
+    (tmp_path / "recipe.yaml").write_text(text.replace("cpu", "none"))
+    assert load_recipe(tmp_path / "recipe.yaml")["train"]["activation_offload"] == "none"
 
 
 def test_a_recipe_must_be_a_mapping(tmp_path):

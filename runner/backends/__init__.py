@@ -45,6 +45,21 @@ def select(requested: str, strategy: str = "none", method: str = "sft") -> tuple
     return "unsloth", "auto: CUDA GPU present and unsloth installed"
 
 
+def checkpointing(train_cfg: dict, backend: str, processes: int) -> str:
+    """Where gradient checkpointing keeps the activations it saves: "off", "gpu", or "cpu" (Unsloth's offload to
+    pinned CPU memory). Under DDP Unsloth cannot use its own offloaded checkpointing (reentrant, which DDP refuses
+    with LoRA on vision models) and offloads through saved-tensor hooks instead, allocating pinned buffers during the
+    steps; `auto` keeps the activations on the GPU there."""
+    if not train_cfg["gradient_checkpointing"]:
+        return "off"
+    offload = train_cfg["activation_offload"]
+    if backend != "unsloth":
+        return "gpu"  # transformers' checkpointing keeps them on the GPU; the recipe checks refuse `cpu` there
+    if offload == "auto":
+        return "cpu" if processes == 1 else "gpu"
+    return "cpu" if offload == "cpu" else "gpu"
+
+
 def machine_problems(model_cfg: dict, train_cfg: dict) -> list[tuple[str, str]]:
     """Recipe settings this machine cannot run, as (key path, message) pairs."""
     problems = []

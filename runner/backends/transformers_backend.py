@@ -58,7 +58,7 @@ def quantization_config(model_cfg: dict, dtype: torch.dtype, sharded: bool = Fal
     return None
 
 
-def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = False):
+def load(model_cfg: dict, checkpointing: str = "gpu", sharded: bool = False):
     """Returns (model, processor) for the `model` section (checkpointing is left to the trainer here); `sharded`:
     for training under FSDP."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -108,7 +108,7 @@ def lora_config(lora_cfg: dict):
     )
 
 
-def attach_lora(model, lora_cfg: dict, gradient_checkpointing: bool = True):
+def attach_lora(model, lora_cfg: dict, checkpointing: str = "gpu"):
     """Wraps `model` in a peft model with the `lora` section's adapters; only the adapters train."""
     from peft import get_peft_model
 

@@ -1,4 +1,4 @@
-"""Unsloth: FastVisionModel loading (4-bit or 16-bit, Unsloth's offloaded gradient checkpointing) and its LoRA.
+"""Unsloth: FastVisionModel loading (4-bit or 16-bit, Unsloth's gradient checkpointing) and its LoRA.
 
 Unsloth patches transformers, peft and trl when it is imported, so this module imports it first; the runner loads
 the backend before any step imports transformers. Training is the same trl SFTTrainer and the same answer-only
@@ -18,11 +18,11 @@ from .transformers_backend import configure_processor, warn_remote_code
 from .unsloth_args import from_pretrained_kwargs, get_peft_model_kwargs
 
 log = logging.getLogger("runner")
-# Unsloth checkpoints activations itself (use_gradient_checkpointing="unsloth"); the trainer must not add its own.
+# Unsloth checkpoints activations itself (use_gradient_checkpointing); the trainer must not add its own.
 TRAINER_CHECKPOINTING = False
 
 
-def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = False):
+def load(model_cfg: dict, checkpointing: str = "cpu", sharded: bool = False):
     """Returns (model, processor) for the `model` section. Unsloth has no FSDP path (`sharded`): the recipe checks
     in runner/distributed.py refuse that combination before this runs."""
     if sharded:
@@ -30,7 +30,7 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = F
     # Eval generates through Unsloth's own fast generation (its default): 71 against 50 samples/s for
     # transformers' generate on the same Unsloth model (fast recipe, H200, docs/benchmarks.md: eval, round 3).
     warn_remote_code(model_cfg)
-    model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, gradient_checkpointing))
+    model, processor = FastVisionModel.from_pretrained(**from_pretrained_kwargs(model_cfg, checkpointing))
     configure_processor(processor, model_cfg)
     vision_attention.apply(model, model_cfg["vision_attention"])
     log.info("model %s through Unsloth: %s, quantization %s", model_cfg["id"], type(model).__name__,
@@ -38,8 +38,8 @@ def load(model_cfg: dict, gradient_checkpointing: bool = True, sharded: bool = F
     return model, processor
 
 
-def attach_lora(model, lora_cfg: dict, gradient_checkpointing: bool = True):
-    model = FastVisionModel.get_peft_model(model, **get_peft_model_kwargs(lora_cfg, gradient_checkpointing))
+def attach_lora(model, lora_cfg: dict, checkpointing: str = "cpu"):
+    model = FastVisionModel.get_peft_model(model, **get_peft_model_kwargs(lora_cfg, checkpointing))
     FastVisionModel.for_training(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("lora (unsloth): %s trainable parameters", f"{trainable:,}")

@@ -110,3 +110,25 @@ def test_unsloth_under_ddp_says_what_transformers_measured_instead():
     name, why = backends.select("unsloth", "ddp")
     assert name == "unsloth" and "model.backend=transformers scaled 0.95" in why
     assert "transformers" not in backends.select("unsloth")[1]
+
+
+@pytest.mark.parametrize("backend, offload, processes, expected", [
+    ("unsloth", "auto", 1, "cpu"),   # Unsloth's own offloaded checkpointing
+    ("unsloth", "auto", 2, "gpu"),   # under DDP its offload takes the slower saved-tensor-hook path
+    ("unsloth", "cpu", 2, "cpu"), ("unsloth", "none", 1, "gpu"),
+    ("transformers", "auto", 1, "gpu"), ("transformers", "auto", 2, "gpu"),
+])
+def test_checkpointing_keeps_activations_where_the_recipe_and_the_process_count_say(backend, offload, processes,
+                                                                                    expected):
+    assert backends.checkpointing({**TRAIN, "activation_offload": offload}, backend, processes) == expected
+    assert backends.checkpointing({**TRAIN, "gradient_checkpointing": False, "activation_offload": offload}, backend,
+                                  processes) == "off"
+
+
+def test_where_activations_wait_reaches_unsloths_argument():
+    from runner.backends.unsloth_args import from_pretrained_kwargs, get_peft_model_kwargs
+
+    for checkpointing, argument in (("cpu", "unsloth"), ("gpu", True), ("off", False)):
+        for kwargs in (from_pretrained_kwargs(MODEL, checkpointing), get_peft_model_kwargs(LORA, checkpointing)):
+            assert kwargs["use_gradient_checkpointing"] == argument
+            assert type(kwargs["use_gradient_checkpointing"]) is type(argument)

@@ -24,24 +24,24 @@ CHANGED_LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "bias": "all", "vision_lay
 
 
 def test_from_pretrained_arguments_exist_in_unsloths_signature():
-    kwargs = from_pretrained_kwargs({**MODEL, "quantization": "4bit"}, gradient_checkpointing=True)
+    kwargs = from_pretrained_kwargs({**MODEL, "quantization": "4bit"}, "cpu")
     assert set(kwargs) <= set(SIGNATURES["FastVisionModel.from_pretrained"])
     assert kwargs["use_gradient_checkpointing"] == "unsloth" and kwargs["model_name"] == MODEL["id"]
     assert (kwargs["load_in_4bit"], kwargs["load_in_8bit"], kwargs["load_in_16bit"]) == (True, False, False)
-    sixteen = from_pretrained_kwargs({**MODEL, "quantization": "none"}, gradient_checkpointing=False)
+    sixteen = from_pretrained_kwargs({**MODEL, "quantization": "none"}, "off")
     assert (sixteen["load_in_4bit"], sixteen["load_in_16bit"], sixteen["use_gradient_checkpointing"]) == (False, True, False)
 
 
 def test_get_peft_model_arguments_exist_in_unsloths_signature():
-    kwargs = get_peft_model_kwargs(LORA, gradient_checkpointing=True)
+    kwargs = get_peft_model_kwargs(LORA, "cpu")
     assert set(kwargs) <= set(SIGNATURES["FastVisionModel.get_peft_model"]) - {"model"}
 
 
 @pytest.mark.parametrize("key", list(LORA))
 def test_every_lora_key_lands_in_get_peft_model(key):
     assert set(CHANGED_LORA) == set(LORA)  # a new schema key needs a row here
-    base = get_peft_model_kwargs(LORA, True)
-    changed = get_peft_model_kwargs({**LORA, key: CHANGED_LORA[key]}, True)
+    base = get_peft_model_kwargs(LORA, "cpu")
+    changed = get_peft_model_kwargs({**LORA, key: CHANGED_LORA[key]}, "cpu")
     differing = {name for name in base if base[name] != changed[name]}
     assert len(differing) == 1 and changed[differing.pop()] == CHANGED_LORA[key]
 
@@ -66,8 +66,8 @@ def test_every_train_key_lands_in_sft_config(tmp_path):
                "weight_decay": 0.1, "max_grad_norm": 0.5, "gradient_checkpointing": False, "precision": "fp32",
                "logging_steps": 3, "save_steps": 11, "save_total_limit": 4, "seed": 5, "dataloader_workers": 2}
     # save_every_minutes and profile_steps are callbacks (runner/checkpoints.py, runner/profiling.py); method picks
-    # the trainer (runner/run.py:train_step)
-    assert set(changed) == set(train) - {"save_every_minutes", "profile_steps", "method"}
+    # the trainer (runner/run.py:train_step); activation_offload goes to the backend (runner.backends.checkpointing)
+    assert set(changed) == set(train) - {"save_every_minutes", "profile_steps", "method", "activation_offload"}
     base = sft_config(train, tmp_path, 256).to_dict()
     for key, value in changed.items():
         if key == "precision":
@@ -82,8 +82,8 @@ def test_every_train_key_lands_in_sft_config(tmp_path):
 
 
 def test_each_ddp_process_loads_onto_its_own_gpu(monkeypatch):
-    assert "device_map" not in from_pretrained_kwargs(MODEL, True)  # one process: Unsloth's own placement
+    assert "device_map" not in from_pretrained_kwargs(MODEL, "cpu")  # one process: Unsloth's own placement
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    kwargs = from_pretrained_kwargs(MODEL, True)
+    kwargs = from_pretrained_kwargs(MODEL, "cpu")
     assert kwargs["device_map"] == {"": 1} and set(kwargs) <= set(SIGNATURES["FastVisionModel.from_pretrained"])
