@@ -15,6 +15,7 @@ import logging
 import shutil
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -86,6 +87,25 @@ class SaveEveryMinutes(TrainerCallback):
             control.should_save = True
 
 
+def _worker_ignores_stop_signals(worker_id: int, init_fn=None) -> None:
+    """A data loader worker's start. Ctrl-C, `timeout`, SLURM's scancel and most schedulers signal the whole
+    process group; torch's workers die of a SIGTERM that does not come from their parent, and the main process
+    then fails on its next batch instead of finishing the step and saving. The main process decides when to stop;
+    the workers end with it (torch's workers also exit when their parent is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+def workers_outlive_stop_signals(loader) -> None:
+    """Makes `loader`'s worker processes (started at each epoch) ignore SIGINT and SIGTERM. accelerate's loaders
+    wrap the torch DataLoader that starts them (`base_dataloader`)."""
+    loader = getattr(loader, "base_dataloader", loader)
+    if loader is not None and loader.num_workers > 0:
+        loader.worker_init_fn = partial(_worker_ignores_stop_signals, init_fn=loader.worker_init_fn)
+
+
 class StopOnSignal(TrainerCallback):
     """SIGINT (Ctrl-C) and SIGTERM (a Colab disconnect, preemption) finish the current step, write a checkpoint
     and stop training; a second signal stops at once. `interrupted` names the signal afterwards."""
@@ -101,9 +121,10 @@ class StopOnSignal(TrainerCallback):
         log.warning("%s: finishing this step, saving a checkpoint, then stopping (again to stop at once)",
                     self.interrupted)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         for number in (signal.SIGINT, signal.SIGTERM):
             self.previous[number] = signal.signal(number, self._handle)
+        workers_outlive_stop_signals(train_dataloader)  # before the first epoch starts them
 
     def on_train_end(self, args, state, control, **kwargs):
         for number, handler in self.previous.items():

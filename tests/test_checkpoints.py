@@ -99,15 +99,18 @@ def test_a_run_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_ru
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tiny_assets, tmp_path):
     runs = tmp_path / "runs"
-    process = subprocess.Popen(command(tiny_assets, runs, "--set", "train.save_steps=null"), cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The signal goes to the whole process group, as `timeout`, SLURM's scancel and Ctrl-C send it: data loader
+    # workers get it too, and must not die before the step finishes and the checkpoint is written.
+    process = subprocess.Popen(command(tiny_assets, runs, "--set", "train.save_steps=null", "--set",
+                                       "train.dataloader_workers=2"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def started_training():
         dirs = list(runs.glob("smoke-tiny/*"))
         return bool(dirs) and read_status(dirs[0]).get("step", 0) >= 3
 
     assert wait_for(started_training, process), "training did not start"
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     assert "SIGTERM: stopped after step" in stderr and "--resume" in stderr
