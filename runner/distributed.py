@@ -133,7 +133,32 @@ def problems(cfg: dict, backend: str, quantization: str, optimizer: str = "adamw
     if cfg["node_rank"] >= cfg["nodes"]:
         found.append(("distributed.node_rank", f"is {cfg['node_rank']} but nodes is {cfg['nodes']}; node ranks run "
                       "from 0 to nodes - 1"))
+    if cfg["node_rank"] == 0 and not launched() and port_in_use(cfg["master_port"]):
+        found.append(("distributed.master_port", f"{cfg['master_port']} is in use on this machine (another "
+                      "distributed run, or one still stopping); torchrun's rendezvous listens there on node 0: set "
+                      f"distributed.master_port (or MASTER_PORT) to a free port, e.g. {free_port()}"))
     return found
+
+
+def port_in_use(port: int) -> bool:
+    """Whether torchrun's rendezvous store could not listen on `port` here (it binds it with SO_REUSEADDR too)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def deepspeed_problems(backend: str, quantization: str, optimizer: str, gpus: int, stage: int) -> list[tuple[str, str]]:

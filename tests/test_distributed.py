@@ -195,6 +195,26 @@ def test_invalid_combinations_fail_before_anything_launches(tmp_path, monkeypatc
     assert not (tmp_path / "runs").exists()  # nothing launched, no run directory
 
 
+def test_a_rendezvous_port_in_use_is_refused_with_a_free_one_before_anything_launches(tmp_path):
+    import socket
+
+    args = ["run", RECIPE, "--set", f"output_dir={tmp_path / 'runs'}", "--set", "distributed.strategy=ddp",
+            "--set", "distributed.processes_per_node=2"]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_run:
+        other_run.bind(("", 0))
+        other_run.listen()
+        port = other_run.getsockname()[1]
+        result = CliRunner().invoke(main, [*args, "--set", f"distributed.master_port={port}"])
+        assert result.exit_code == 1, result.output
+        suggested = int(re.search(rf"distributed.master_port: {port} is in use on this machine .* e\.g\. (\d+)",
+                                  result.output).group(1))
+        assert suggested != port and not distributed.port_in_use(suggested)
+    assert not (tmp_path / "runs").exists()
+    assert not distributed.port_in_use(port)  # closed again: the same recipe passes this check
+    assert distributed.problems(distributed.resolve({**load_recipe(RECIPE)["distributed"], "strategy": "ddp",
+                                                     "master_port": port}), "transformers", "none") == []
+
+
 def test_the_section_defaults_to_one_process_and_takes_the_usual_environment_variables(monkeypatch):
     defaults = load_recipe(RECIPE)["distributed"]
     assert distributed.resolve(defaults)["processes_per_node"] == 1 and distributed.planned_world_size(
