@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import distributed
+from . import strategies
 from .prompt import decode_image, messages, text_of
 from .train import TokenCounter, callbacks, checked, fit, one_gpu_per_process, trainer_arguments
 
@@ -93,7 +93,7 @@ def train_dpo(model, processor, train_cfg: dict, dpo_cfg: dict, instruction: str
     speed, stop, every = callbacks(train_cfg, output_dir, counter)
     trainer = checked(DPOTrainer, counter)(model=model, args=args, train_dataset=rows, processing_class=processor,
                                            callbacks=every)
-    distributed.set_gradient_exchange(trainer, distributed_cfg)
+    strategies.set_gradient_exchange(trainer, distributed_cfg)
     metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)
     curve = margin_curve(metrics.pop("log_history", []))
     if curve["margin"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import distributed
+from . import strategies
 from . import rewards as reward_functions
 from .prompt import END_OF_TURN, decode_image, messages, text_of
 from .train import TokenCounter, callbacks, checked, fit, one_gpu_per_process, trainer_arguments
@@ -115,7 +115,7 @@ def train_grpo(model, processor, data, train_cfg: dict, grpo_cfg: dict, dataset_
         model=model, args=args, train_dataset=rows, processing_class=left_padding(processor),
         reward_funcs=[reward_function(name, stop_ids) for name in names], callbacks=every,
     )
-    distributed.set_gradient_exchange(trainer, distributed_cfg)
+    strategies.set_gradient_exchange(trainer, distributed_cfg)
     metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)
     curve = reward_curve(metrics.pop("log_history", []), names)
     if curve["weighted"]:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from . import backends, distributed, install_sets
+from . import backends, distributed, install_sets, strategies
 from .checkpoints import newest_usable
 from .errors import RunError, RunInterrupted, explain, model_not_found
 from .evaluate import evaluate, limit_rows
@@ -205,7 +205,7 @@ def run_steps(recipe: dict, run_dir: Path, checkpoint: Path | None) -> None:
         with step("eval", timings):
             if sharded:  # rank 0 holds only its shard of the weights: load the model whole, with the saved adapter
                 del model
-                distributed.load_whole_models()
+                strategies.load_whole_models()
                 model = with_adapter(backend.load(recipe["model"])[0], run_dir / "adapter")
             model = backend.prepare_for_inference(model)
             after = evaluate(model, processor, eval_rows, *eval_args, run_dir / "predictions.jsonl", "eval")

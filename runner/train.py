@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import distributed
+from . import distributed, strategies
 from .checkpoints import RecordStatus, SaveEveryMinutes, StopOnSignal
 from .errors import NonFiniteLoss
 from .profiling import ProfileSteps
@@ -187,9 +187,9 @@ def trainer_arguments(cfg: dict, output_dir: Path, trainer_checkpointing: bool =
         ddp_timeout=int(timeout_minutes * 60),
         ddp_backend="gloo" if cpu_group else None,
         use_cpu=cpu_group,  # makes accelerate treat the CPU processes as one distributed group
-        **distributed.ddp_arguments(distributed_cfg),
-        **distributed.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
-        **distributed.deepspeed_arguments(distributed_cfg),
+        **strategies.ddp_arguments(distributed_cfg),
+        **strategies.fsdp_arguments(distributed_cfg, cfg["gradient_checkpointing"] and trainer_checkpointing),
+        **strategies.deepspeed_arguments(distributed_cfg),
     )
 
 
@@ -278,11 +278,11 @@ def train(model, processor, data, train_cfg: dict, collator: VisionCollator, out
     args = sft_config(train_cfg, output_dir / "checkpoints", max_seq_length, trainer_checkpointing, distributed_cfg)
     counter = TokenCounter()
     speed, stop, every = callbacks(train_cfg, output_dir, counter)
-    trainer = distributed.grouped_by_global_batch(checked(SFTTrainer, counter))(
+    trainer = strategies.grouped_by_global_batch(checked(SFTTrainer, counter))(
         model=model, args=args, train_dataset=data.train, processing_class=processor, data_collator=collator,
         callbacks=every,
     )
-    distributed.set_gradient_exchange(trainer, distributed_cfg)
+    strategies.set_gradient_exchange(trainer, distributed_cfg)
     metrics = fit(trainer, processor, output_dir, speed, stop, resume_from)
     metrics.pop("log_history", None)
     return metrics

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import distributed
+from runner import distributed, strategies
 from runner.cli import main
 from runner.recipe import load_recipe
 
@@ -98,13 +98,13 @@ def test_length_grouping_gives_each_step_the_global_batch_of_one_process_at_the_
         return LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(3407))
 
     one_process = list(BatchSampler(sampler(8), 8, drop_last=False))
-    ranks = [list(BatchSamplerShard(BatchSampler(distributed.global_batch_sampler(sampler(4), 2), 4, drop_last=False),
+    ranks = [list(BatchSamplerShard(BatchSampler(strategies.global_batch_sampler(sampler(4), 2), 4, drop_last=False),
                                     2, rank)) for rank in (0, 1)]
     assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(batch) for batch in one_process]
     # the trainer's own grouping (by one process's batch) gives other global batches at this size
     ranks = [list(BatchSamplerShard(BatchSampler(sampler(4), 4, drop_last=False), 2, rank)) for rank in (0, 1)]
     assert [sorted(a + b) for a, b in zip(*ranks)] != [sorted(batch) for batch in one_process]
-    assert distributed.global_batch_sampler(sampler(4), 1).batch_size == 4
+    assert strategies.global_batch_sampler(sampler(4), 1).batch_size == 4
 
 
 @pytest.mark.slow
@@ -239,12 +239,12 @@ def test_fsdp_wraps_each_decoder_layer_and_vision_block_and_auto_leaves_unsloth_
 
     assert backends.select("auto", "fsdp")[0] == "transformers"
     cfg = {**load_recipe(RECIPE)["distributed"], "strategy": "fsdp"}
-    arguments = distributed.fsdp_arguments(cfg, gradient_checkpointing=True)
+    arguments = strategies.fsdp_arguments(cfg, gradient_checkpointing=True)
     assert arguments["fsdp"] is True and arguments["fsdp_config"]["activation_checkpointing"] is True
     # The wrapped classes must be the model's own unsplittable modules, or FSDP would shard nothing per layer.
     assert set(arguments["fsdp_config"]["transformer_layer_cls_to_wrap"]) == set(
         Qwen2_5_VLForConditionalGeneration._no_split_modules)
-    assert distributed.fsdp_arguments({**cfg, "strategy": "ddp"}, True) == {}
+    assert strategies.fsdp_arguments({**cfg, "strategy": "ddp"}, True) == {}
 
 
 def test_one_process_on_a_machine_with_several_gpus_trains_on_one_instead_of_dataparallel(tmp_path):
@@ -270,11 +270,11 @@ def test_deepspeed_not_installed_is_refused_with_how_to_add_it(tmp_path, monkeyp
 
 def test_deepspeed_config_leaves_batch_and_optimizer_to_the_trainer_and_gathers_zero3_weights_to_save():
     cfg = {**load_recipe(RECIPE)["distributed"], "strategy": "deepspeed"}
-    zero2 = distributed.deepspeed_arguments(cfg)["deepspeed"]
+    zero2 = strategies.deepspeed_arguments(cfg)["deepspeed"]
     assert zero2["zero_optimization"]["stage"] == 2 and zero2["train_micro_batch_size_per_gpu"] == "auto"
     assert "optimizer" not in zero2 and not distributed.shards_weights(cfg)
-    zero3 = distributed.deepspeed_arguments({**cfg, "deepspeed_stage": 3, "deepspeed_cpu_offload": True})["deepspeed"]
+    zero3 = strategies.deepspeed_arguments({**cfg, "deepspeed_stage": 3, "deepspeed_cpu_offload": True})["deepspeed"]
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero3["zero_optimization"]["offload_param"] == {"device": "cpu"} and zero3["optimizer"]["type"] == "AdamW"
-    assert distributed.shards_weights({**cfg, "deepspeed_stage": 3}) and distributed.deepspeed_arguments(
+    assert distributed.shards_weights({**cfg, "deepspeed_stage": 3}) and strategies.deepspeed_arguments(
         {**cfg, "strategy": "fsdp"}) == {}
