@@ -17,11 +17,11 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-# Measured on two H200s, fast recipe (docs/benchmarks.md, "Several GPUs"); the 4-bit flagship scaled 0.86 on Unsloth
-# and 0.76 on transformers (fourth run), so the warning is about 16-bit runs.
-UNSLOTH_UNDER_DDP = ("Unsloth scaled 0.55 under DDP (fast recipe, 2 x H200: 82.4 samples/s against 74.8 on one GPU) "
-                     "where model.backend=transformers scaled 0.95 (87.7 against 46.4), at 39.7 instead of 25.3 GiB "
-                     "per GPU")
+# Measured on two H200s, fast recipe (docs/benchmarks.md, "Several GPUs", sixth run); the 4-bit flagship scaled 0.86
+# on Unsloth and 0.76 on transformers (fourth run, with Unsloth's activations offloaded), so this is about 16-bit runs.
+UNSLOTH_UNDER_DDP = ("Unsloth under DDP scaled 0.71 on 2 x H200 (fast recipe, activations kept on the GPU: 99.9 "
+                     "samples/s against 70.7 on one GPU, 33.6 GiB per GPU), the fastest two-GPU setting measured; "
+                     "model.backend=transformers scaled 0.95 but trained slower (87.7 samples/s, 39.7 GiB per GPU)")
 
 
 def select(requested: str, strategy: str = "none", method: str = "sft") -> tuple[str, str]:
