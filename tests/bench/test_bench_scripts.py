@@ -21,6 +21,17 @@ def test_train_speed_arguments_and_command():
     assert sets[-1] == "train.batch_size=64"  # the setting's own overrides come last and win
 
 
+def test_train_speed_repeats_the_rows_it_trains_on(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "image": [{"bytes": b"1", "path": None}] * 3}), tmp_path / "d.parquet")
+    out = train_speed.repeated(tmp_path / "d.parquet", 4, tmp_path / "runs")
+    assert pq.read_table(out).column("text").to_pylist() == ["a", "b", "c"] * 4
+    args = train_speed.parse_args(["--model-dir", "/m", "--data", "d.parquet", "--repeat", "11"])
+    assert args.repeat == 11
+
+
 def test_train_speed_rejects_unknown_settings():
     with pytest.raises(SystemExit):
         train_speed.parse_args(["--model-dir", "/m", "--data", "d", "--settings", "nope"])
