@@ -4,6 +4,7 @@ training itself is trl's trainers (runner/train.py for SFT; runner/grpo.py and r
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 
@@ -54,7 +55,10 @@ def checkpointing(train_cfg: dict, backend: str, processes: int) -> str:
         return "off"
     offload = train_cfg["activation_offload"]
     if backend != "unsloth":
-        return "gpu"  # transformers' checkpointing keeps them on the GPU; the recipe checks refuse `cpu` there
+        if offload == "cpu":  # model.backend: auto chose transformers (an explicit transformers is a recipe error)
+            logging.getLogger("runner").warning("train.activation_offload: cpu is Unsloth's offload; the %s backend "
+                                                "keeps checkpointed activations on the GPU", backend)
+        return "gpu"
     if offload == "auto":
         return "cpu" if processes == 1 else "gpu"
     return "cpu" if offload == "cpu" else "gpu"

@@ -132,3 +132,9 @@ def test_where_activations_wait_reaches_unsloths_argument():
         for kwargs in (from_pretrained_kwargs(MODEL, checkpointing), get_peft_model_kwargs(LORA, checkpointing)):
             assert kwargs["use_gradient_checkpointing"] == argument
             assert type(kwargs["use_gradient_checkpointing"]) is type(argument)
+
+
+def test_offload_asked_of_a_backend_auto_resolved_to_transformers_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="runner"):
+        assert backends.checkpointing({**TRAIN, "activation_offload": "cpu"}, "transformers", 1) == "gpu"
+    assert "activation_offload: cpu is Unsloth's offload" in caplog.text
