@@ -90,20 +90,27 @@ class LogToFile(TrainerCallback):
 
 class SpeedMeter(TrainerCallback):
     """Time to first step, then steady-state throughput over the steps after `warmup_steps`, and peak memory.
-    Steps count from where this process started training (a resumed run starts at its checkpoint's step)."""
+    Steps count from where this process started training (a resumed run starts at its checkpoint's step).
+    Each step's wall time and this process's padded tokens in it are kept too: under DDP a step lasts as long as
+    its slowest rank, so uneven steps with even tokens point at something other than padding."""
 
     def __init__(self, counter: TokenCounter, samples_per_step: int, warmup_steps: int = 2):
         self.counter, self.samples_per_step, self.warmup_steps = counter, samples_per_step, warmup_steps
         self.started = self.first_step_s = self.steady_start = None
         self.steady_steps, self.start_step = 0, 0
+        self.step_seconds, self.step_padded_tokens = [], []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.start_step = time.perf_counter(), state.global_step
+        self.last_step_end, self.last_padded = self.started, self.counter.padded_tokens
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):
         now, done = time.perf_counter(), state.global_step - self.start_step
+        self.step_seconds.append(round(now - self.last_step_end, 3))
+        self.step_padded_tokens.append(self.counter.padded_tokens - self.last_padded)
+        self.last_step_end, self.last_padded = now, self.counter.padded_tokens
         if done == 1:
             self.first_step_s = now - self.started
         if done == self.warmup_steps:
@@ -123,6 +130,9 @@ class SpeedMeter(TrainerCallback):
             figures["samples_per_s"] = self.steady_steps * self.samples_per_step / self.steady_s
             if c.samples:
                 figures["real_tokens_per_s"] = figures["samples_per_s"] * figures["real_tokens_per_sample"]
+        if c.samples:
+            figures["step_padded_tokens"] = self.step_padded_tokens
+        figures["step_seconds"] = self.step_seconds
         if torch.cuda.is_available():
             figures["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             figures["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -262,7 +272,8 @@ def fit(trainer, processor, output_dir: Path, speed: SpeedMeter, stop: StopOnSig
         log.info("train: adapter saved to %s", adapter_dir)
     metrics = {**result.metrics, "speed": speed.figures(), "world_size": distributed.world_size(),
                "global_batch": speed.samples_per_step}
-    log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items() if v is not None))
+    log.info("train speed: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics["speed"].items()
+                                          if isinstance(v, (int, float))))
     if history:
         metrics["first_loss"], metrics["final_loss"] = history[0]["loss"], history[-1]["loss"]
         metrics["losses"] = {entry["step"]: entry["loss"] for entry in history}

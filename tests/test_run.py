@@ -44,6 +44,8 @@ def test_smoke_recipe_writes_a_complete_run_directory_and_exports(tiny_assets, t
     assert metrics["train"]["first_loss"] > 0 and metrics["train"]["train_runtime"] > 0
     speed = metrics["train"]["speed"]  # counted in this process although a worker process collated the batches
     assert speed["real_tokens_per_sample"] > 20 and 0 <= speed["padding_fraction"] < 0.5
+    assert len(speed["step_seconds"]) == len(speed["step_padded_tokens"]) == 4  # one entry per optimizer step
+    assert min(speed["step_seconds"]) > 0 and min(speed["step_padded_tokens"]) > 20
     after, before = metrics["eval"]["after"], metrics["eval"]["before"]  # smoke_tiny sets eval.compare_base
     assert after["rows"] == before["rows"] == 16 and 0 <= after["edit_distance"] <= 1
     assert {"bleu", "bleu_normalized", "edit_distance_normalized", "token_exact_match", "token_edit_distance",
