@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def validate(files: tuple[str, ...], overrides: tuple[str, ...], here: bool) -> 
               "asks for fsdp or deepspeed).")
 def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | None) -> None:
     """Validate FILE, print the resolved plan, and run every step."""
-    from . import distributed
+    from . import distributed, launch
     from .errors import RunError, RunInterrupted
     from .run import make_run_dir, preflight
     from .run import run as run_recipe
@@ -105,11 +106,17 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
         extra = ["--resume", str(run_dir)] if resume_dir else []
         click.echo(f"launching {recipe['distributed']['processes_per_node']} processes x "
                    f"{recipe['distributed']['nodes']} node(s) through torchrun; rank 0 writes {run_dir}")
-        sys.exit(distributed.launch(file, overrides, recipe["distributed"], run_dir, extra))
+        code, received = launch.launch(file, overrides, recipe["distributed"], run_dir, extra)
+        stopped = launch.stop_report(code, received, run_dir)
+        if stopped:
+            click.echo(f"{file}: {stopped}; continue with `just run {file} --resume`", err=True)
+        sys.exit(130 if stopped else code)
     distributed.bind_gpu()
     try:
         run_dir = run_recipe(recipe, resume_dir)
     except RunInterrupted as stopped:
+        if os.environ.get(launch.STOP_REPORTED_BY_LAUNCHER):
+            sys.exit(0)  # a non-zero exit would be a failure to torchrun; the launching process reports the stop
         click.echo(f"{file}: {stopped}; continue with `just run {file} --resume`", err=True)
         sys.exit(130)
     except RunError as error:

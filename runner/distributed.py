@@ -1,9 +1,9 @@
-"""Several training processes through torchrun: the `distributed` section, its checks, and the launch.
+"""Several training processes through torchrun: the `distributed` section, its checks, and what a rank knows.
 
 `recipe run` in one process reads the recipe; when it asks for more than one process, that process starts
 `python -m torch.distributed.run ... -m runner run RECIPE ...` (torchrun, the launcher PyTorch ships) and waits
-for it. Each process torchrun starts sees RANK, LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe
-as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel (or FSDP2, or DeepSpeed
+for it, passing stop signals on to the ranks (runner/launch.py). Each process torchrun starts sees RANK,
+LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel (or FSDP2, or DeepSpeed
 ZeRO, from the arguments built in runner/strategies.py), shards every batch across the ranks and averages the gradients (NCCL on
 GPUs, gloo on CPUs). This module never spawns processes or syncs gradients itself.
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 log = logging.getLogger("runner")
@@ -181,27 +179,6 @@ def deepspeed_problems(backend: str, quantization: str, optimizer: str, gpus: in
         found.append(("train.optimizer", f"{optimizer} under deepspeed: ZeRO partitions the optimizer state itself, "
                       "and bitsandbytes' 8-bit optimizers are not supported under it here; use adamw_torch"))
     return found
-
-
-def launch_command(recipe_file: str, overrides: list[str], cfg: dict, extra: list[str]) -> list[str]:
-    """torchrun's command line for this recipe: the same `runner run` with the same overrides in every process."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg['processes_per_node']}",
-               f"--nnodes={cfg['nodes']}", f"--node_rank={cfg['node_rank']}", f"--master_addr={cfg['master_addr']}",
-               f"--master_port={cfg['master_port']}", "-m", "runner", "run", recipe_file]
-    for override in overrides:
-        command += ["--set", override]
-    return command + extra
-
-
-def launch(recipe_file: str, overrides: list[str], cfg: dict, run_dir: Path | None, extra: list[str]) -> int:
-    """Runs the recipe under torchrun and returns its exit code. `run_dir` (made by node 0's launcher) is handed to
-    every rank, so that all of them agree on where rank 0 writes."""
-    environment = dict(os.environ)
-    if run_dir is not None:
-        environment[RUN_DIR_VARIABLE] = str(run_dir)
-    if not visible_gpus():
-        environment.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores instead of oversubscribing
-    return subprocess.run(launch_command(recipe_file, overrides, cfg, extra), env=environment).returncode
 
 
 def rank0_decides(flag: bool) -> bool:

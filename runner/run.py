@@ -10,7 +10,8 @@
 
 status.json in the run directory says how the run is going or ended (runner/status.py); training checkpoints
 let `recipe run --resume` continue a run (runner/checkpoints.py). With several processes (torchrun, the
-`distributed` section) every rank runs this same story; rank 0 alone writes, evaluates and exports.
+`distributed` section; runner/launch.py starts them) every rank runs this same story; rank 0 alone writes,
+evaluates and exports.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import distributed, strategies
+from runner import distributed, launch, strategies
 from runner.cli import main
 from runner.recipe import load_recipe
 
@@ -226,7 +226,7 @@ def test_the_section_defaults_to_one_process_and_takes_the_usual_environment_var
     assert (resolved["processes_per_node"], resolved["nodes"], resolved["node_rank"], resolved["master_addr"],
             resolved["master_port"]) == (3, 2, 1, "10.0.0.5", 29999)
     assert distributed.planned_world_size(resolved) == 6
-    command = distributed.launch_command("r.yaml", ["train.max_steps=5"], resolved, [])
+    command = launch.command("r.yaml", ["train.max_steps=5"], resolved, [])
     assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=3" in command
     assert "--nnodes=2" in command and "--node_rank=1" in command and "--master_addr=10.0.0.5" in command
     assert command[-3:] == ["r.yaml", "--set", "train.max_steps=5"]
