@@ -18,11 +18,12 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-# Measured on two H200s, fast recipe (docs/benchmarks.md, "Several GPUs", sixth run); the 4-bit flagship scaled 0.86
-# on Unsloth and 0.76 on transformers (fourth run, with Unsloth's activations offloaded), so this is about 16-bit runs.
-UNSLOTH_UNDER_DDP = ("Unsloth under DDP scaled 0.71 on 2 x H200 (fast recipe, activations kept on the GPU: 99.9 "
-                     "samples/s against 70.7 on one GPU, 33.6 GiB per GPU), the fastest two-GPU setting measured; "
-                     "model.backend=transformers scaled 0.95 but trained slower (87.7 samples/s, 39.7 GiB per GPU)")
+# Measured on two H200s, each pair in one call, rows grouped by length as in an epoch (docs/benchmarks.md, "Several
+# GPUs", seventh run for Unsloth, second run for transformers).
+UNSLOTH_UNDER_DDP = ("Unsloth under DDP scaled 0.94 on 2 x H200 (fast recipe, activations kept on the GPU: 140.1 "
+                     "samples/s against 74.4 on one GPU, 35.1 GiB per GPU; the 4-bit flagship 1.00), the fastest "
+                     "two-GPU setting measured; model.backend=transformers scaled 0.95 but trained slower (87.7 "
+                     "samples/s, 39.7 GiB per GPU)")
 
 
 def select(requested: str, strategy: str = "none", method: str = "sft") -> tuple[str, str]:
