@@ -108,16 +108,24 @@ def workers_outlive_stop_signals(loader) -> None:
 
 class StopOnSignal(TrainerCallback):
     """SIGINT (Ctrl-C) and SIGTERM (a Colab disconnect, preemption) finish the current step, write a checkpoint
-    and stop training; a second signal stops at once. `interrupted` names the signal afterwards."""
+    and stop training; a second signal stops at once. `interrupted` names the signal afterwards.
+
+    A second signal within `SAME_STOP_S` of the first is the same stop delivered twice, not a user insisting: SLURM
+    signals every process of a job step, so a rank gets SIGTERM from SLURM and again from the launching process."""
+
+    SAME_STOP_S = 2.0
 
     def __init__(self):
         self.interrupted: str | None = None
         self.previous = {}
+        self.first_signal_at = None
 
     def _handle(self, number, frame):
-        if self.interrupted:  # a second signal: the user does not want to wait for the checkpoint
-            raise KeyboardInterrupt
-        self.interrupted = signal.Signals(number).name
+        if self.interrupted:
+            if time.monotonic() - self.first_signal_at < self.SAME_STOP_S:
+                return
+            raise KeyboardInterrupt  # the user does not want to wait for the checkpoint
+        self.interrupted, self.first_signal_at = signal.Signals(number).name, time.monotonic()
         log.warning("%s: finishing this step, saving a checkpoint, then stopping (again to stop at once)",
                     self.interrupted)
 

@@ -154,3 +154,18 @@ def test_resume_without_an_unfinished_run_says_so(tiny_assets, tmp_path):
                             text=True)
     assert result.returncode == 1 and "no unfinished run with a checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twice(monkeypatch):
+    from runner import checkpoints
+
+    clock = [100.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    stop = checkpoints.StopOnSignal()
+    stop._handle(signal.SIGTERM, None)
+    clock[0] += 0.5  # SLURM's copy and the launcher's arrive together: still the graceful stop
+    stop._handle(signal.SIGTERM, None)
+    assert stop.interrupted == "SIGTERM"
+    clock[0] += 5  # a user pressing Ctrl-C again seconds later
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
