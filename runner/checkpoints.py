@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .distributed import rank0_decides
+from .distributed import any_rank, rank0_decides
 from .status import effective_state, read_status, run_dirs, write_status
 
 log = logging.getLogger("runner")
@@ -108,7 +108,8 @@ def workers_outlive_stop_signals(loader) -> None:
 
 class StopOnSignal(TrainerCallback):
     """SIGINT (Ctrl-C) and SIGTERM (a Colab disconnect, preemption) finish the current step, write a checkpoint
-    and stop training; a second signal stops at once. `interrupted` names the signal afterwards.
+    and stop training; a second signal stops at once. With several processes a signal on any of them stops all of
+    them after the same step. `interrupted` names the signal once training stopped for it.
 
     A second signal within `SAME_STOP_S` of the first is the same stop delivered twice, not a user insisting: SLURM
     signals every process of a job step, so a rank gets SIGTERM from SLURM and again from the launching process."""
@@ -116,18 +117,19 @@ class StopOnSignal(TrainerCallback):
     SAME_STOP_S = 2.0
 
     def __init__(self):
+        self.signalled: str | None = None
         self.interrupted: str | None = None
         self.previous = {}
         self.first_signal_at = None
 
     def _handle(self, number, frame):
-        if self.interrupted:
+        if self.signalled:
             if time.monotonic() - self.first_signal_at < self.SAME_STOP_S:
                 return
             raise KeyboardInterrupt  # the user does not want to wait for the checkpoint
-        self.interrupted, self.first_signal_at = signal.Signals(number).name, time.monotonic()
+        self.signalled, self.first_signal_at = signal.Signals(number).name, time.monotonic()
         log.warning("%s: finishing this step, saving a checkpoint, then stopping (again to stop at once)",
-                    self.interrupted)
+                    self.signalled)
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -139,8 +141,8 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if rank0_decides(self.interrupted is not None):
-            self.interrupted = self.interrupted or "SIGTERM"  # torchrun forwards the signal to every rank
+        if any_rank(self.signalled is not None):
+            self.interrupted = self.signalled or "SIGTERM"  # the signal reached another rank
             control.should_save = True
             control.should_training_stop = True
 

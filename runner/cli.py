@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -106,8 +105,7 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
         extra = ["--resume", str(run_dir)] if resume_dir else []
         click.echo(f"launching {recipe['distributed']['processes_per_node']} processes x "
                    f"{recipe['distributed']['nodes']} node(s) through torchrun; rank 0 writes {run_dir}")
-        code, received = launch.launch(file, overrides, recipe["distributed"], run_dir, extra)
-        stopped = launch.stop_report(code, received, run_dir)
+        code, stopped = launch.launch(file, overrides, recipe["distributed"], run_dir, extra)
         if stopped:
             click.echo(f"{file}: {stopped}; continue with `just run {file} --resume`", err=True)
         sys.exit(130 if stopped else code)
@@ -115,8 +113,8 @@ def run(file: str, overrides: tuple[str, ...], resume: str | None, gpus: int | N
     try:
         run_dir = run_recipe(recipe, resume_dir)
     except RunInterrupted as stopped:
-        if os.environ.get(launch.STOP_REPORTED_BY_LAUNCHER):
-            sys.exit(0)  # a non-zero exit would be a failure to torchrun; the launching process reports the stop
+        if launch.report_stop(stopped):
+            sys.exit(0)
         click.echo(f"{file}: {stopped}; continue with `just run {file} --resume`", err=True)
         sys.exit(130)
     except RunError as error:

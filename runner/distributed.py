@@ -3,13 +3,14 @@
 `recipe run` in one process reads the recipe; when it asks for more than one process, that process starts
 `python -m torch.distributed.run ... -m runner run RECIPE ...` (torchrun, the launcher PyTorch ships) and waits
 for it, passing stop signals on to the ranks (runner/launch.py). Each process torchrun starts sees RANK,
-LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe as usual: the Hugging Face Trainer inside trl's SFTTrainer sets up DistributedDataParallel (or FSDP2, or DeepSpeed
-ZeRO, from the arguments built in runner/strategies.py), shards every batch across the ranks and averages the gradients (NCCL on
-GPUs, gloo on CPUs). This module never spawns processes or syncs gradients itself.
+LOCAL_RANK and WORLD_SIZE in its environment and runs the recipe as usual: the Hugging Face Trainer inside trl's
+SFTTrainer sets up DistributedDataParallel (or FSDP2, or DeepSpeed ZeRO, from the arguments built in
+runner/strategies.py), shards every batch across the ranks and averages the gradients (NCCL on GPUs, gloo on
+CPUs). This module never spawns processes or syncs gradients itself.
 
 Rank 0 alone writes the run directory (log, status, TensorBoard, metrics, checkpoints), evaluates and exports;
-the other ranks log warnings to the console with their rank in front and write nothing there (except their own
-profile with train.profile_steps, runner/profiling.py).
+the other ranks log warnings to the console with their rank in front and write nothing there but their own RNG
+state in each checkpoint (the trainer's) and their profile with train.profile_steps (runner/profiling.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ log = logging.getLogger("runner")
 ENVIRONMENT = {"processes_per_node": "NPROC_PER_NODE", "nodes": "NNODES", "node_rank": "NODE_RANK",
                "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
 RUN_DIR_VARIABLE = "RECIPE_RUN_DIR"  # the run directory the launching process made, handed to every rank
+RUN_DIR_STORE_KEY = "recipe-runner/run-dir"  # rank 0's run directory, in torchrun's rendezvous store
 
 
 def rank() -> int:
@@ -182,8 +184,18 @@ def deepspeed_problems(backend: str, quantization: str, optimizer: str, gpus: in
 
 
 def rank0_decides(flag: bool) -> bool:
-    """Rank 0's `flag` on every rank. Saving and stopping must happen at the same step on all ranks (a checkpoint
-    save gathers from every rank), while clocks and signals reach the processes at slightly different times."""
+    """Rank 0's `flag` on every rank. Saving must happen at the same step on all ranks (a checkpoint save gathers
+    from every rank), while the processes' clocks read slightly different times."""
+    return _agreed(flag, "rank 0")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: a stop signal may reach one node's processes only (`kill` on
+    one machine), and all ranks must stop at the same step."""
+    return _agreed(flag, "any")
+
+
+def _agreed(flag: bool, how: str) -> bool:
     import torch
     import torch.distributed as dist
 
@@ -191,7 +203,10 @@ def rank0_decides(flag: bool) -> bool:
         return flag
     device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
     decision = torch.tensor([int(flag)], device=device)
-    dist.broadcast(decision, src=0)
+    if how == "any":
+        dist.all_reduce(decision, op=dist.ReduceOp.MAX)
+    else:
+        dist.broadcast(decision, src=0)
     return bool(decision.item())
 
 
@@ -199,6 +214,24 @@ def shared_run_dir() -> Path | None:
     """Inside a launched process: the run directory its launcher made (rank 0's node), if any."""
     value = os.environ.get(RUN_DIR_VARIABLE)
     return Path(value) if launched() and value else None
+
+
+def rank0s_run_dir(make, timeout_minutes: float) -> Path:
+    """The run directory rank 0 makes (`make()`, on rank 0 only), on every rank. Rank 0 leaves its path in
+    torchrun's rendezvous store and the other ranks wait for it there: ranks on another node (whose launcher made
+    no directory) or started by torchrun directly would otherwise make directories of their own, and the trainer's
+    per-rank files (each rank's RNG state in a checkpoint) would miss rank 0's checkpoints."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=timeout_minutes))
+    if is_main():
+        run_dir = make()
+        store.set(RUN_DIR_STORE_KEY, str(run_dir))
+        return run_dir
+    return Path(store.get(RUN_DIR_STORE_KEY).decode())
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

@@ -4,8 +4,8 @@ The launching process starts torchrun (`python -m torch.distributed.run`) in a s
 Stop signals therefore reach the launching process alone (Ctrl-C, `timeout` and a closed terminal signal the
 foreground process group; `docker stop` and `kill` signal one process), and it passes the first one on to each
 rank once. Each rank finishes its step, rank 0 decides the step they all stop at, and rank 0 saves a checkpoint
-(runner/checkpoints.py, StopOnSignal); then the launching process says how to resume and exits 130, as a run in one
-process does. A second signal kills every rank at once.
+(runner/checkpoints.py, StopOnSignal); each rank leaves a line for its node's launching process, which prints it
+once, with how to resume, and exits 130, as a run in one process does. A second signal kills every rank at once.
 
 torchrun's own signal handling is left out of this on purpose: it forwards a signal, then kills the ranks after a
 grace period (30 s by default) that a checkpoint written to a slow disk can outlast, and it reports a stopped rank
@@ -15,15 +15,18 @@ as a failure.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from . import distributed
 
-# Set for the ranks of a launch: an interrupted rank exits 0 and leaves the report to the launching process.
-STOP_REPORTED_BY_LAUNCHER = "RECIPE_STOP_REPORTED_BY_LAUNCHER"
+# Where a launch's ranks say they stopped on a signal (a folder on each node): a rank that stopped exits 0, since
+# torchrun reports any other exit as a failure, and the launching process reports the stop.
+STOP_REPORTS = "RECIPE_STOP_REPORTS"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -51,7 +54,7 @@ class StopRelay:
     the ranks treat as a stop), a second kills them all."""
 
     def __init__(self, torchrun: subprocess.Popen):
-        self.torchrun, self.received = torchrun, None
+        self.torchrun, self.relayed = torchrun, False
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
@@ -62,8 +65,7 @@ class StopRelay:
             signal.signal(number, handler)
 
     def _handle(self, number, frame):
-        first = self.received is None
-        self.received = self.received or signal.Signals(number).name
+        first, self.relayed = not self.relayed, True
         forwarded = signal.SIGTERM if number == signal.SIGHUP else number
         ranks = rank_processes(self.torchrun.pid)
         for pid in ranks:
@@ -81,10 +83,11 @@ class StopRelay:
 
 def launch(recipe_file: str, overrides: list[str], cfg: dict, run_dir: Path | None,
            extra: list[str]) -> tuple[int, str | None]:
-    """Runs the recipe under torchrun. Returns torchrun's exit code and the stop signal this process passed on to
-    the ranks (None if none). `run_dir` (made by node 0's launcher) is handed to every rank, so that all of them
-    agree on where rank 0 writes."""
-    environment = dict(os.environ, **{STOP_REPORTED_BY_LAUNCHER: "1"})
+    """Runs the recipe under torchrun. Returns torchrun's exit code and, when the ranks stopped on a signal, what
+    they said (after which step, with which checkpoint). `run_dir` (made by node 0's launcher) is handed to every
+    rank, so that all of them agree on where rank 0 writes."""
+    reports = Path(tempfile.mkdtemp(prefix="recipe-stop-"))
+    environment = dict(os.environ, **{STOP_REPORTS: str(reports)})
     if run_dir is not None:
         environment[distributed.RUN_DIR_VARIABLE] = str(run_dir)
     if not distributed.visible_gpus():
@@ -92,20 +95,22 @@ def launch(recipe_file: str, overrides: list[str], cfg: dict, run_dir: Path | No
         # accelerate names a CPU rank's device cpu:<rank>, which the trainer hands torch.load as the map_location
         # of a checkpoint's optimizer state on --resume, and torch.load refuses it
         environment.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
-    torchrun = subprocess.Popen(command(recipe_file, overrides, cfg, extra), env=environment, start_new_session=True)
-    with StopRelay(torchrun) as relay:
-        code = torchrun.wait()
-    return code, relay.received
+    try:
+        torchrun = subprocess.Popen(command(recipe_file, overrides, cfg, extra), env=environment,
+                                    start_new_session=True)
+        with StopRelay(torchrun):
+            code = torchrun.wait()
+        said = sorted(reports.glob("rank*.txt"), key=lambda path: int(path.stem[4:]))
+        return code, (said[0].read_text() if code == 0 and said else None)
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
 
 
-def stop_report(code: int, received: str | None, run_dir: Path | None) -> str | None:
-    """What the launching process says when the ranks stopped on a signal (None when they did not): rank 0's
-    status says after which step and with which checkpoint."""
-    from .status import read_status
-
-    status = read_status(run_dir) if run_dir is not None else {}
-    if code != 0 or (received is None and status.get("state") != "interrupted"):
-        return None
-    if status.get("state") == "interrupted":
-        return status.get("error") or f"{received}: stopped with a checkpoint saved"
-    return f"{received}: stopped with the other nodes (node 0 saved the checkpoint)"
+def report_stop(stopped) -> bool:
+    """In a launched rank that stopped on a signal: leaves what it says for the launching process (which prints it
+    once, for all ranks, and exits 130) and returns True; False outside a launch."""
+    reports = os.environ.get(STOP_REPORTS)
+    if not (reports and distributed.launched()):
+        return False
+    (Path(reports) / f"rank{distributed.rank()}.txt").write_text(str(stopped))
+    return True

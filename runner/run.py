@@ -118,7 +118,13 @@ def run(recipe: dict, resume_dir: Path | None = None) -> Path:
 
     status.json says how it ended. A failure is logged with its traceback in run.log and raised as a RunError
     whose message is one line; Ctrl-C or SIGTERM during training saves a checkpoint and raises RunInterrupted."""
-    run_dir = resume_dir or distributed.shared_run_dir() or make_run_dir(recipe)
+    def run_dir_here():
+        return resume_dir or distributed.shared_run_dir() or make_run_dir(recipe)
+
+    if distributed.launched():  # every rank takes rank 0's directory (it writes its RNG state into checkpoints)
+        run_dir = distributed.rank0s_run_dir(run_dir_here, recipe["distributed"]["timeout_minutes"])
+    else:
+        run_dir = run_dir_here()
     setup_logging(run_dir / "run.log")
     if distributed.is_main():
         (run_dir / "recipe.resolved.yaml").write_text(dump(recipe))

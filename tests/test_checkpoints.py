@@ -165,7 +165,7 @@ def test_a_second_stop_signal_stops_at_once_unless_it_is_the_first_delivered_twi
     stop._handle(signal.SIGTERM, None)
     clock[0] += 0.5  # SLURM's copy and the launcher's arrive together: still the graceful stop
     stop._handle(signal.SIGTERM, None)
-    assert stop.interrupted == "SIGTERM"
+    assert stop.signalled == "SIGTERM"
     clock[0] += 5  # a user pressing Ctrl-C again seconds later
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
